@@ -1,0 +1,77 @@
+"""Pure-PyTorch implementation of the ops, used for CPU tensors when Triton is not interpreting.
+
+Same semantics as the kernels (key ranges, bottom-right causal, GQA by head mapping, zeros for
+rows that see no key, out-of-range slots and pages skipped); computed in float32 or wider.
+"""
+
+import torch
+
+
+def _gather_paged(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """pages [num_pages, H_kv, page_size, D] + block_table [B, P] -> [B, H_kv, P * page_size, D]."""
+    num_pages, num_kv_heads, page_size, head_dim = pages.shape
+    batch, max_pages = block_table.shape
+    safe = block_table.long().clamp(0, num_pages - 1)
+    gathered = pages[safe]  # [B, P, H_kv, page_size, D]
+    return gathered.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, max_pages * page_size, head_dim)
+
+
+def _page_valid(block_table: torch.Tensor, num_pages: int, page_size: int) -> torch.Tensor:
+    """[B, P * page_size] bool: positions whose page index lies inside the pool."""
+    ok = (block_table >= 0) & (block_table < num_pages)
+    return ok.repeat_interleave(page_size, dim=1)
+
+
+def attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):
+    """Fill out [B, H_q, S_q, D] with attention of q over keys [key_start, key_end + key_end_offset)."""
+    batch, num_q_heads, seqlen_q, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if block_table is not None:
+        valid_pages = _page_valid(block_table, k.shape[0], k.shape[2])
+        k = _gather_paged(k, block_table)
+        v = _gather_paged(v, block_table)
+    capacity = k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    positions = torch.arange(capacity, device=q.device)
+    end = torch.full((batch,), capacity, device=q.device, dtype=torch.long)
+    if key_end is not None:
+        end = (key_end.long() + key_end_offset).clamp(max=capacity)
+    start = key_start.long().clamp(min=0) if key_start is not None else torch.zeros_like(end)
+    visible = (positions[None, :] >= start[:, None]) & (positions[None, :] < end[:, None])  # [B, S_k]
+    if block_table is not None:
+        visible = visible & valid_pages
+    visible = visible[:, None, :].expand(batch, seqlen_q, capacity)
+    if causal:
+        rows = torch.arange(seqlen_q, device=q.device)
+        limit = rows[None, :] + (end[:, None] - seqlen_q)  # [B, S_q]
+        visible = visible & (positions[None, None, :] <= limit[:, :, None])
+    group = num_q_heads // num_kv_heads
+    qg = q.to(compute).reshape(batch, num_kv_heads, group, seqlen_q, head_dim)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.to(compute)) * scale
+    mask = visible[:, None, None, :, :]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
+    result = torch.einsum("bhgqk,bhkd->bhgqd", probs, v.to(compute))
+    out.copy_(result.reshape(batch, num_q_heads, seqlen_q, head_dim))
+
+
+def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
+    """Write k_new/v_new [B, H_kv, S_q, D] at cache_seqlens[b] + 0..S_q-1, skipping unsafe slots."""
+    batch, _, seqlen_new, _ = k_new.shape
+    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=k_new.device)  # [B, S_q]
+    if block_table is None:
+        capacity = k_cache.shape[2]
+        ok = (positions >= 0) & (positions < capacity)
+        for b, t in ok.nonzero().tolist():
+            k_cache[b, :, positions[b, t]] = k_new[b, :, t]
+            v_cache[b, :, positions[b, t]] = v_new[b, :, t]
+        return
+    num_pages, _, page_size, _ = k_cache.shape
+    max_pages = block_table.shape[1]
+    ok = (positions >= 0) & (positions < max_pages * page_size)
+    for b, t in ok.nonzero().tolist():
+        pos = int(positions[b, t])
+        page = int(block_table[b, pos // page_size])
+        if 0 <= page < num_pages:
+            k_cache[page, :, pos % page_size] = k_new[b, :, t]
+            v_cache[page, :, pos % page_size] = v_new[b, :, t]

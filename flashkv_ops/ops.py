@@ -1,0 +1,106 @@
+"""The torch.library registrations: every flashkv op and its fake (meta) twin, in one place.
+
+The op bodies do no validation (the public functions in ``flashkv_ops.attention`` do) and never
+sync the host, so they can run inside torch.compile graphs and CUDA-graph captures. They choose
+a kernel from static shapes only: few packed query rows -> split-KV decode, else the
+FlashAttention-2 forward kernel.
+"""
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _fallback
+from .kernels import append_kv, attention_decode, attention_forward, decode_packed_rows
+
+# TRITON_INTERPRET is read by triton when it is imported, so decide once, here.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# packed (group x S_q) rows up to which the split-KV decode kernel beats the forward kernel
+DECODE_MAX_PACKED_ROWS = 64
+DECODE_MAX_QUERY_LEN = 16
+
+
+def uses_triton(t: Tensor) -> bool:
+    """CUDA tensors and (under TRITON_INTERPRET=1) CPU tensors run the Triton kernels."""
+    return t.is_cuda or _INTERPRET
+
+
+def _attend(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not uses_triton(q):
+        _fallback.attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
+        return
+    num_q_heads, seqlen_q = q.shape[1], q.shape[2]
+    packed = decode_packed_rows(num_q_heads, k.shape[1], seqlen_q)
+    if seqlen_q <= DECODE_MAX_QUERY_LEN and packed <= DECODE_MAX_PACKED_ROWS:
+        attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
+    else:
+        attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
+
+
+def _new_output(q: Tensor) -> Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("flashkv::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    out = _new_output(q)
+    _attend(q, k, v, out, None, None, 0, None, causal, scale)
+    return out
+
+
+@attention_op.register_fake
+def _(q, k, v, causal=False, scale=None):
+    return _new_output(q)
+
+
+@torch.library.custom_op("flashkv::attention_with_kv_cache", mutates_args=("k_cache", "v_cache"))
+def attention_with_kv_cache_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    block_table: Optional[Tensor] = None,
+) -> Tensor:
+    out = _new_output(q)
+    appended = 0
+    if k is not None and v is not None:
+        if uses_triton(q):
+            append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
+        else:
+            _fallback.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
+        appended = k.shape[2]
+    _attend(q, k_cache, v_cache, out, None, cache_seqlens, appended, block_table, causal, scale)
+    return out
+
+
+@attention_with_kv_cache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k=None, v=None, causal=True, scale=None, block_table=None):
+    return _new_output(q)
+
+
+@torch.library.custom_op("flashkv::attention_with_key_ranges", mutates_args=())
+def attention_with_key_ranges_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_start: Tensor,
+    key_end: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> Tensor:
+    out = _new_output(q)
+    _attend(q, k, v, out, key_start, key_end, 0, None, causal, scale)
+    return out
+
+
+@attention_with_key_ranges_op.register_fake
+def _(q, k, v, key_start, key_end, causal=True, scale=None):
+    return _new_output(q)

@@ -1,0 +1,153 @@
+"""A paged KV cache: one pool of fixed-size pages per layer and a host-side page allocator.
+
+Pages are handed to a sequence as it grows (``reserve``) and returned when it ends (``free``).
+The allocator is all host bookkeeping; the device sees only ``block_table`` and ``seqlens``,
+which are updated in place (same storage), so a captured CUDA graph keeps reading the current
+values.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .attention import attention_with_kv_cache
+
+
+class PoolExhaustedError(RuntimeError):
+    """The page pool has too few free pages for a request; nothing was allocated."""
+
+
+class PagedKVCache:
+    """Page pools ``[num_pages, num_kv_heads, page_size, head_dim]`` per layer, plus an allocator.
+
+    Parameters
+    ----------
+    num_pages : int
+        Pages in each layer's pool.
+    page_size : int
+        Tokens per page (any value >= 1).
+    num_kv_heads, head_dim : int
+        KV heads (never repeated for GQA) and head dimension.
+    num_layers : int
+        Number of layers (one K and one V pool each).
+    max_batch_size : int
+        Rows of ``block_table`` / ``seqlens`` (sequence slots).
+    max_pages_per_seq : int
+        Columns of ``block_table``; a sequence holds at most ``max_pages_per_seq * page_size`` tokens.
+    dtype, device :
+        Storage of the pools.
+
+    Attributes
+    ----------
+    k_pages, v_pages : list of Tensor
+        Per layer ``[num_pages, num_kv_heads, page_size, head_dim]``.
+    block_table : Tensor
+        int32 ``[max_batch_size, max_pages_per_seq]``; ``-1`` marks a slot with no page.
+    seqlens : Tensor
+        int32 ``[max_batch_size]`` tokens held per sequence slot.
+
+    Examples
+    --------
+    >>> cache = PagedKVCache(num_pages=64, page_size=16, num_kv_heads=8, head_dim=128,
+    ...                      max_batch_size=2, max_pages_per_seq=32, dtype=torch.float16, device="cuda")
+    >>> cache.reserve(0, 20)                          # pages for 20 tokens of sequence 0
+    >>> out = cache.attention(0, q, k_new, v_new)     # q/k_new/v_new: [2, H, 20, D]... per slot batch
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, num_layers: int = 1,
+                 max_batch_size: int = 1, max_pages_per_seq: Optional[int] = None,
+                 dtype: torch.dtype = torch.float16, device="cuda"):
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("num_layers", num_layers), ("max_batch_size", max_batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
+        if max_pages_per_seq < 1:
+            raise ValueError(f"max_pages_per_seq must be >= 1, got {max_pages_per_seq}")
+        self.num_pages, self.page_size = num_pages, page_size
+        self.max_pages_per_seq = max_pages_per_seq
+        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        self.k_pages: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_pages: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.block_table = torch.full((max_batch_size, max_pages_per_seq), -1, dtype=torch.int32, device=device)
+        self.seqlens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        # host mirrors: the allocator never reads device memory
+        self._free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
+        self._pages: List[List[int]] = [[] for _ in range(max_batch_size)]
+        self._lengths: List[int] = [0] * max_batch_size
+        self._reserved: List[int] = [0] * max_batch_size
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens one sequence can hold."""
+        return self.max_pages_per_seq * self.page_size
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < len(self._pages):
+            raise ValueError(f"seq must be in [0, {len(self._pages)}), got {seq}")
+
+    def reserve(self, seq: int, num_tokens: int) -> None:
+        """Make room for ``num_tokens`` more tokens of sequence slot ``seq`` (all or nothing).
+
+        Raises ``PoolExhaustedError`` when the pool has too few free pages and ``ValueError`` when
+        the sequence would exceed ``max_pages_per_seq * page_size``; in both cases nothing changes.
+        """
+        self._check_seq(seq)
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        wanted = self._lengths[seq] + num_tokens
+        if wanted > self.capacity:
+            raise ValueError(f"sequence {seq} would hold {wanted} tokens, more than max_pages_per_seq * page_size"
+                             f" = {self.capacity}")
+        pages = self._pages[seq]
+        needed = -(-wanted // self.page_size) - len(pages)
+        if needed > len(self._free):
+            raise PoolExhaustedError(f"page pool exhausted: sequence {seq} needs {needed} more pages of "
+                                     f"{self.page_size} tokens, {len(self._free)} of {self.num_pages} are free")
+        new_pages = [self._free.pop() for _ in range(max(needed, 0))]
+        if new_pages:
+            first = len(pages)
+            pages.extend(new_pages)
+            self.block_table[seq, first:first + len(new_pages)] = torch.tensor(new_pages, dtype=torch.int32)
+        self._reserved[seq] = max(self._reserved[seq], wanted)
+
+    allocate = reserve
+
+    def advance(self, seq: int, num_tokens: int) -> None:
+        """Record that ``num_tokens`` reserved tokens of ``seq`` were written (updates ``seqlens``)."""
+        self._check_seq(seq)
+        if self._lengths[seq] + num_tokens > self._reserved[seq]:
+            raise ValueError(f"sequence {seq}: advancing by {num_tokens} passes the {self._reserved[seq]} "
+                             "reserved tokens; call reserve() first")
+        self._lengths[seq] += num_tokens
+        self.seqlens[seq] = self._lengths[seq]
+
+    def free(self, seq: int) -> None:
+        """Return every page of sequence slot ``seq`` to the pool and reset its length to 0."""
+        self._check_seq(seq)
+        self._free.extend(reversed(self._pages[seq]))
+        self._pages[seq] = []
+        self._lengths[seq] = self._reserved[seq] = 0
+        self.block_table[seq].fill_(-1)
+        self.seqlens[seq] = 0
+
+    def pages_of(self, seq: int) -> List[int]:
+        """The pages sequence slot ``seq`` holds, in logical order."""
+        self._check_seq(seq)
+        return list(self._pages[seq])
+
+    def attention(self, layer: int, q: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None, *,
+                  causal: bool = True, scale: Optional[float] = None) -> Tensor:
+        """``attention_with_kv_cache`` over this pool for all ``max_batch_size`` slots.
+
+        q: ``[max_batch_size, num_q_heads, seqlen_q, head_dim]``; k, v (optional): new tokens
+        ``[max_batch_size, num_kv_heads, seqlen_q, head_dim]``, which must have been reserved.
+        Returns ``[max_batch_size, num_q_heads, seqlen_q, head_dim]``; call ``advance`` afterwards.
+        """
+        return attention_with_kv_cache(q, self.k_pages[layer], self.v_pages[layer], self.seqlens, k, v,
+                                       causal=causal, scale=scale, block_table=self.block_table)

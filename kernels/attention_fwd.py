@@ -1,0 +1,194 @@
+"""Prefill / multi-token attention: FlashAttention-2 forward with GQA, key ranges and paged K/V.
+
+One program computes a [BLOCK_M, head_dim] tile of one query head. Key blocks are visited in
+three phases so that only blocks touching a boundary (key_start, key_end, the causal diagonal)
+pay for masking.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, interpreting, next_power_of_2, online_softmax_blocks
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    # -- pointers
+    Q,
+    K,
+    V,
+    Out,
+    KeyStart,
+    KeyEnd,
+    BlockTable,
+    # -- sizes
+    num_q_heads,
+    group_size,
+    seqlen_q,
+    key_capacity,  # S_k (contiguous) or max_pages_per_seq * page_size (paged)
+    key_end_offset,  # added to KeyEnd[b] (the new-token count when attending over a cache)
+    qk_scale,
+    page_size,
+    num_pages,
+    max_pages_per_seq,
+    # -- strides
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_s,
+    stride_bt_b,
+    # -- meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    HAS_KEY_END: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    # heavy (late) query blocks first so the causal tail does not straggle
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    kv_h = h // group_size
+
+    key_end = key_capacity
+    if HAS_KEY_END:
+        key_end = tl.minimum(tl.load(KeyEnd + b) + key_end_offset, key_capacity)
+    key_start = 0
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(KeyStart + b), 0)
+    diag = key_end - seqlen_q
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b.to(tl.int64) * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    if PAGED:
+        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b
+        k_head = kv_h.to(tl.int64) * stride_k_h
+        v_head = kv_h.to(tl.int64) * stride_v_h
+    else:
+        bt_row = BlockTable
+        k_head = b.to(tl.int64) * stride_k_b + kv_h * stride_k_h
+        v_head = b.to(tl.int64) * stride_v_b + kv_h * stride_v_h
+
+    # -- block ranges: [lo, hi) holds every key some row of this tile may see;
+    # [full_lo, full_hi) the aligned blocks that every row sees entirely
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, seqlen_q) - 1
+    hi = key_end
+    full_hi = key_end
+    if CAUSAL:
+        hi = tl.minimum(hi, last_row + diag + 1)
+        full_hi = tl.minimum(full_hi, first_row + diag + 1)
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    lo = key_start // BLOCK_N * BLOCK_N
+    full_lo = tl.cdiv(key_start, BLOCK_N) * BLOCK_N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # phase 1: the block straddling key_start
+    acc, l_i, m_i = online_softmax_blocks(
+        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
+        lo, tl.minimum(full_lo, hi), qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
+    # phase 2: interior blocks, no masking
+    acc, l_i, m_i = online_softmax_blocks(
+        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
+        full_lo, full_hi, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION)
+    # phase 3: the causal diagonal and the key_end tail
+    acc, l_i, m_i = online_softmax_blocks(
+        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
+        tl.maximum(full_hi, full_lo), hi, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
+
+    # rows that saw no key: l = 0, acc = 0 -> output 0
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = Out + b.to(tl.int64) * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _config(head_dim: int, dtype: torch.dtype, capability: tuple, interpret: bool) -> dict:
+    """Block sizes, warps and stages from static information only (shape, dtype, device)."""
+    block_d = max(16, next_power_of_2(head_dim))
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        block_m, block_n, warps, stages = (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    elif block_d <= 64:
+        block_m, block_n, warps, stages = 128, 64, 4, 3
+    elif block_d <= 128:
+        block_m, block_n, warps, stages = 128, 64, 8, 3
+    else:
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    if capability[0] < 8:
+        stages = min(stages, 2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
+
+def device_capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):
+    """Launch the forward kernel.
+
+    q: [B, H_q, S_q, D]; k, v: [B, H_kv, S_k, D] or pages [num_pages, H_kv, page_size, D] with
+    block_table [B, max_pages_per_seq]; out: [B, H_q, S_q, D] (written); key_start, key_end:
+    int32 [B] or None; keys of batch b are [key_start[b], key_end[b] + key_end_offset).
+    """
+    batch, num_q_heads, seqlen_q, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    cfg = _config(head_dim, q.dtype, device_capability(q.device), interpreting())
+    paged = block_table is not None
+    if paged:
+        num_pages, _, page_size, _ = k.shape
+        max_pages_per_seq = block_table.shape[1]
+        key_capacity = max_pages_per_seq * page_size
+        stride_bt_b = block_table.stride(0)
+    else:
+        num_pages, page_size, max_pages_per_seq = 1, 1, 1
+        key_capacity = k.shape[2]
+        stride_bt_b = 0
+    dummy = key_end if key_end is not None else q  # never read when the flag is off
+    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_q_heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, out,
+        key_start if key_start is not None else dummy,
+        dummy,
+        block_table if paged else dummy,
+        num_q_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity, key_end_offset,
+        scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_bt_b,
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        HAS_KEY_START=key_start is not None,
+        HAS_KEY_END=key_end is not None,
+        PAGED=paged,
+        DOT_PRECISION=dot_precision(q.dtype),
+        **cfg,
+    )

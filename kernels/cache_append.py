@@ -1,0 +1,106 @@
+"""In-place append of new K/V tokens into a contiguous or paged cache.
+
+Touches only the S_q new slots of each sequence (never a pass over the cache); every store is
+masked against the cache capacity and, for paged caches, the pool bounds.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import interpreting, kv_token_offsets, next_power_of_2
+
+
+@triton.jit
+def _append_kv_kernel(
+    # -- pointers
+    KNew,
+    VNew,
+    KCache,
+    VCache,
+    CacheSeqlens,
+    BlockTable,
+    # -- sizes
+    num_kv_heads,
+    seqlen_new,
+    key_capacity,
+    page_size,
+    num_pages,
+    max_pages_per_seq,
+    # -- strides
+    stride_kn_b, stride_kn_h, stride_kn_s,
+    stride_vn_b, stride_vn_h, stride_vn_s,
+    stride_kc_b, stride_kc_h, stride_kc_s,
+    stride_vc_b, stride_vc_h, stride_vc_s,
+    stride_bt_b,
+    # -- meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PAGED: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // num_kv_heads
+    kv_h = pid % num_kv_heads
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    positions = tl.load(CacheSeqlens + b) + offs_s
+    want = (offs_s < seqlen_new) & (positions >= 0) & (positions < key_capacity)
+
+    if PAGED:
+        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b
+        kc_head = kv_h.to(tl.int64) * stride_kc_h
+        vc_head = kv_h.to(tl.int64) * stride_vc_h
+    else:
+        bt_row = BlockTable
+        kc_head = b.to(tl.int64) * stride_kc_b + kv_h * stride_kc_h
+        vc_head = b.to(tl.int64) * stride_vc_b + kv_h * stride_vc_h
+    kc_rows, k_ok = kv_token_offsets(bt_row, positions, want, kc_head, stride_kc_b, stride_kc_s,
+                                     page_size, num_pages, max_pages_per_seq, PAGED)
+    vc_rows, v_ok = kv_token_offsets(bt_row, positions, want, vc_head, stride_vc_b, stride_vc_s,
+                                     page_size, num_pages, max_pages_per_seq, PAGED)
+
+    kn_ptrs = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h + offs_s[:, None] * stride_kn_s + offs_d[None, :]
+    vn_ptrs = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h + offs_s[:, None] * stride_vn_s + offs_d[None, :]
+    k_mask = k_ok[:, None] & d_ok[None, :]
+    v_mask = v_ok[:, None] & d_ok[None, :]
+    tl.store(KCache + kc_rows[:, None] + offs_d[None, :], tl.load(kn_ptrs, mask=k_mask), mask=k_mask)
+    tl.store(VCache + vc_rows[:, None] + offs_d[None, :], tl.load(vn_ptrs, mask=v_mask), mask=v_mask)
+
+
+def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
+    """Write k_new/v_new [B, H_kv, S_q, D] into the caches at cache_seqlens[b] + 0..S_q-1.
+
+    k_cache, v_cache: [B, H_kv, S_max, D], or pages [num_pages, H_kv, page_size, D] with
+    block_table [B, max_pages_per_seq]. Slots past the capacity or on pages outside the pool are
+    skipped, never written.
+    """
+    batch, num_kv_heads, seqlen_new, head_dim = k_new.shape
+    paged = block_table is not None
+    if paged:
+        num_pages, _, page_size, _ = k_cache.shape
+        max_pages_per_seq = block_table.shape[1]
+        key_capacity = max_pages_per_seq * page_size
+        stride_bt_b = block_table.stride(0)
+    else:
+        num_pages, page_size, max_pages_per_seq = 1, 1, 1
+        key_capacity = k_cache.shape[2]
+        stride_bt_b = 0
+    block_s = min(16 if interpreting() else 64, max(1, next_power_of_2(seqlen_new)))
+    grid = (triton.cdiv(seqlen_new, block_s), batch * num_kv_heads)
+    _append_kv_kernel[grid](
+        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table if paged else cache_seqlens,
+        num_kv_heads, seqlen_new, key_capacity, page_size, num_pages, max_pages_per_seq,
+        k_new.stride(0), k_new.stride(1), k_new.stride(2),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_bt_b,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        BLOCK_S=block_s,
+        PAGED=paged,
+        num_warps=4,
+    )
+

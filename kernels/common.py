@@ -1,0 +1,136 @@
+"""Where a key/value token lives: contiguous caches and paged pools behind one helper.
+
+Every kernel that reads or writes K/V goes through `kv_token_offsets`, so the paged layout
+(`block_table[b, p // page_size]`, slot `p % page_size`) and its bounds masking are written once.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kv_token_offsets(
+    block_table_row_ptr,  # int32 pointer to block_table[b, :] (unused when not PAGED)
+    positions,  # [BLOCK] logical positions within the sequence
+    valid,  # [BLOCK] bool: positions the caller wants to touch
+    kv_head_offset,  # offset of (batch, kv head) in elements (contiguous) or of the kv head only (paged)
+    stride_page,  # paged: stride between pages; contiguous: unused
+    stride_seq,  # stride between tokens (contiguous) or slots within a page (paged)
+    page_size,
+    num_pages,
+    max_pages_per_seq,
+    PAGED: tl.constexpr,
+):
+    """Element offsets of each token's row start and the mask of rows that are safe to touch.
+
+    A row is safe when the caller wants it and, for paged caches, its page index read from the
+    block table lies inside the pool: a corrupt table can never address memory outside it.
+    """
+    if PAGED:
+        page_slot = positions // page_size
+        in_table = valid & (page_slot < max_pages_per_seq)
+        page = tl.load(block_table_row_ptr + page_slot, mask=in_table, other=-1)
+        safe = in_table & (page >= 0) & (page < num_pages)
+        page = tl.where(safe, page, 0)
+        offsets = page.to(tl.int64) * stride_page + kv_head_offset + (positions % page_size).to(tl.int64) * stride_seq
+    else:
+        safe = valid
+        offsets = kv_head_offset + positions.to(tl.int64) * stride_seq
+    return offsets, safe
+
+
+@triton.jit
+def online_softmax_blocks(
+    acc,  # [BLOCK_M, BLOCK_D] fp32 running numerator
+    l_i,  # [BLOCK_M] fp32 running denominator
+    m_i,  # [BLOCK_M] fp32 running max, log2 domain
+    q,  # [BLOCK_M, BLOCK_D] query tile
+    K,
+    V,
+    block_table_row_ptr,
+    k_head_offset,
+    v_head_offset,
+    stride_k_page,
+    stride_k_seq,
+    stride_v_page,
+    stride_v_seq,
+    page_size,
+    num_pages,
+    max_pages_per_seq,
+    query_index,  # [BLOCK_M] each row's query position in [0, seqlen_q)
+    key_start,
+    key_end,
+    diag,  # key_end - seqlen_q: row i sees keys j <= i + diag when causal
+    lo,
+    hi,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
+
+    MASKED=False is the fast path for blocks every row sees entirely (no start/end/causal
+    masking); the caller proves that from the block bounds.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        want = (offs_n >= key_start) & (offs_n < key_end)
+        k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, k_head_offset, stride_k_page,
+                                        stride_k_seq, page_size, num_pages, max_pages_per_seq, PAGED)
+        # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute
+        k = tl.load(K + k_rows[None, :] + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if DOT_PRECISION == "interpret-bf16":
+            # the Triton interpreter multiplies bfloat16 dot operands as raw bits
+            qk = tl.dot(q.to(tl.float32), k.to(tl.float32)) * qk_scale
+        else:
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = want[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= query_index[:, None] + diag)
+            qk = tl.where(visible, qk, float("-inf"))
+        # -- online softmax; a row that has seen no key yet keeps m = -inf, so shift by 0 instead
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, v_head_offset, stride_v_page,
+                                        stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
+        v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_PRECISION == "interpret-bf16":
+            # round p like the GPU path does, then multiply in float32
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_precision(dtype) -> str:
+    """float32 inputs get IEEE dots (TF32 would cost ~1e-3 relative error); 16-bit ones are exact anyway.
+
+    "interpret-bf16" marks bfloat16 under the Triton interpreter, whose dot mishandles bfloat16.
+    """
+    import torch
+
+    if dtype == torch.bfloat16 and interpreting():
+        return "interpret-bf16"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

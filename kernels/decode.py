@@ -1,0 +1,229 @@
+"""Split-KV ("flash-decoding") attention for few-token queries, GQA-packed.
+
+Stage 1, grid (split, batch * kv_head): every query row of one KV group (group_size heads x
+seqlen_q tokens) is packed into one [BLOCK_M, D] tile, so each K/V block is read from memory
+once per group, and one slice of the sequence is reduced with online softmax into a partial
+output plus its log-sum-exp. Stage 2 merges the slices.
+
+The number of splits is fixed from static information (batch, heads, capacity, SM count), so
+a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
+device-side length, so work is proportional to the tokens each sequence holds.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import LOG2_E, device_capability
+from .common import dot_precision, interpreting, next_power_of_2, online_softmax_blocks
+
+
+@triton.jit
+def _decode_split_kernel(
+    # -- pointers
+    Q,
+    K,
+    V,
+    PartialOut,  # [B, H_q, S_q, NUM_SPLITS, HEAD_DIM] fp32, normalised per split
+    PartialLse,  # [B, H_q, S_q, NUM_SPLITS] fp32, log2 domain, -inf where the split saw nothing
+    KeyStart,
+    KeyEnd,
+    BlockTable,
+    # -- sizes
+    num_kv_heads,
+    group_size,
+    seqlen_q,
+    key_capacity,
+    key_end_offset,
+    qk_scale,
+    page_size,
+    num_pages,
+    max_pages_per_seq,
+    # -- strides
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_bt_b,
+    # -- meta-parameters
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_START: tl.constexpr,
+    HAS_KEY_END: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // num_kv_heads
+    kv_h = pid % num_kv_heads
+
+    # -- packed rows: row r is query head kv_h * group_size + r // seqlen_q, token r % seqlen_q
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < group_size * seqlen_q
+    h = kv_h * group_size + rows // seqlen_q
+    query_index = rows % seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b.to(tl.int64) * stride_q_b + h[:, None] * stride_q_h + query_index[:, None] * stride_q_s + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    key_end = key_capacity
+    if HAS_KEY_END:
+        key_end = tl.minimum(tl.load(KeyEnd + b) + key_end_offset, key_capacity)
+    key_start = 0
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(KeyStart + b), 0)
+    diag = key_end - seqlen_q
+
+    # -- this program's slice of [key_start, key_end), in whole blocks
+    span = tl.maximum(key_end - key_start, 0)
+    chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = key_start + split * chunk
+    hi = tl.minimum(lo + chunk, key_end)
+
+    if PAGED:
+        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b
+        k_head = kv_h.to(tl.int64) * stride_k_h
+        v_head = kv_h.to(tl.int64) * stride_v_h
+    else:
+        bt_row = BlockTable
+        k_head = b.to(tl.int64) * stride_k_b + kv_h * stride_k_h
+        v_head = b.to(tl.int64) * stride_v_b + kv_h * stride_v_h
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = online_softmax_blocks(
+        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
+        lo, hi, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    # partial buffers are contiguous [B, H_q, S_q, NUM_SPLITS, (HEAD_DIM)]
+    partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * NUM_SPLITS + split
+    tl.store(PartialLse + partial_row, lse, mask=row_ok)
+    tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PartialOut,
+    PartialLse,
+    Out,
+    num_q_heads,
+    seqlen_q,
+    stride_o_b, stride_o_h, stride_o_s,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0)  # flattened (b, h, i)
+    i = row % seqlen_q
+    h = (row // seqlen_q) % num_q_heads
+    b = row // (seqlen_q * num_q_heads)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DIM
+    lse = tl.load(PartialLse + row.to(tl.int64) * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.math.exp2(lse - m)  # 0 for splits that saw nothing
+    partial = tl.load(PartialOut + (row.to(tl.int64) * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    o_ptrs = Out + b.to(tl.int64) * stride_o_b + h * stride_o_h + i * stride_o_s + offs_d
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
+            dtype: torch.dtype, capability: tuple, sm_count: int, interpret: bool) -> dict:
+    """Tile sizes and the split count, from static information only (never from lengths)."""
+    block_d = max(16, next_power_of_2(head_dim))
+    block_m = max(16, next_power_of_2(packed_rows))
+    if interpret:
+        block_n = 16
+        num_splits = min(4, triton.cdiv(key_capacity, block_n))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
+                    num_warps=4, num_stages=1)
+    block_n = 64 if block_d <= 128 and dtype != torch.float32 else 32
+    # enough programs for ~4 resident per SM, but never slices shorter than a few blocks
+    programs = batch * num_kv_heads
+    num_splits = triton.cdiv(4 * sm_count, programs)
+    num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 4 * block_n), 128))
+    stages = 2 if capability[0] < 8 else 3
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+                num_warps=4, num_stages=stages)
+
+
+def decode_packed_rows(num_q_heads: int, num_kv_heads: int, seqlen_q: int) -> int:
+    """Rows of the packed (query heads of a group x query tokens) tile."""
+    return (num_q_heads // num_kv_heads) * seqlen_q
+
+
+def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):
+    """Launch split-KV decode. Same arguments as `attention_forward`."""
+    batch, num_q_heads, seqlen_q, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    paged = block_table is not None
+    if paged:
+        num_pages, _, page_size, _ = k.shape
+        max_pages_per_seq = block_table.shape[1]
+        key_capacity = max_pages_per_seq * page_size
+        stride_bt_b = block_table.stride(0)
+    else:
+        num_pages, page_size, max_pages_per_seq = 1, 1, 1
+        key_capacity = k.shape[2]
+        stride_bt_b = 0
+    interpret = interpreting()
+    sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
+    cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
+                  head_dim, q.dtype, device_capability(q.device), sm_count, interpret)
+    num_splits = cfg["NUM_SPLITS"]
+    partial_out = torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32,
+                              device=q.device)
+    partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
+    dummy = key_end if key_end is not None else q  # never read when its flag is off
+    _decode_split_kernel[(num_splits, batch * num_kv_heads)](
+        q, k, v, partial_out, partial_lse,
+        key_start if key_start is not None else dummy,
+        dummy,
+        block_table if paged else dummy,
+        num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity, key_end_offset,
+        scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_bt_b,
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        HAS_KEY_START=key_start is not None,
+        HAS_KEY_END=key_end is not None,
+        PAGED=paged,
+        DOT_PRECISION=dot_precision(q.dtype),
+        **cfg,
+    )
+    _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
+        partial_out, partial_lse, out, num_q_heads, seqlen_q,
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=num_splits,
+        BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
+        num_warps=4 if cfg["BLOCK_D"] * num_splits >= 4096 else 1,
+    )
