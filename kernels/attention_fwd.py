@@ -5,7 +5,6 @@ three phases so that only blocks touching a boundary (key_start, key_end, the ca
 pay for masking.
 """
 
-import functools
 
 import torch
 import triton
@@ -127,23 +126,62 @@ def _attention_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _config(head_dim: int, dtype: torch.dtype, capability: tuple, interpret: bool) -> dict:
-    """Block sizes, warps and stages from static information only (shape, dtype, device)."""
+def _candidates(head_dim: int, dtype: torch.dtype, capability: tuple, interpret: bool) -> list:
+    """Launch configs worth timing for this head_dim/dtype/device; the first is the untuned default.
+
+    Pruned by hand to what fits shared memory and registers on sm80/sm90 for each head_dim.
+    """
     block_d = max(16, next_power_of_2(head_dim))
+
+    def cfg(block_m, block_n, warps, stages):
+        stages = min(stages, 2) if capability[0] < 8 else stages
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
     if interpret:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        return [cfg(32, 32, 4, 1)]
     if dtype == torch.float32:
-        block_m, block_n, warps, stages = (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
-    elif block_d <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
-    elif block_d <= 128:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    else:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
-    if capability[0] < 8:
-        stages = min(stages, 2)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        return [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)] if block_d <= 128 else [cfg(32, 32, 4, 1)]
+    if block_d <= 64:
+        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 4, 4)]
+    if block_d <= 128:
+        return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 3), cfg(128, 128, 8, 2), cfg(128, 64, 4, 3), cfg(64, 64, 4, 3)]
+    return [cfg(64, 32, 4, 2), cfg(64, 64, 8, 2), cfg(128, 64, 8, 2), cfg(64, 32, 8, 3)]
+
+
+# (key) -> chosen config. Filled by timing the candidates on the first eager call with a new key;
+# calls that cannot time (CUDA-graph capture, torch.compile tracing) use the cached choice or the
+# default, so a captured graph never contains an autotuning run.
+_TUNED: dict = {}
+
+
+def _tuning_key(q, k, causal: bool, paged: bool) -> tuple:
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    # lengths bucketed by power of two: one tuning per (head_dim, dtype, length class)
+    return (q.shape[-1], q.dtype, causal, paged, next_power_of_2(min(seqlen_q, 16384)),
+            next_power_of_2(min(seqlen_k, 16384)), q.device.index)
+
+
+def _can_time(q) -> bool:
+    return q.is_cuda and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
+
+
+def _choose_config(candidates: list, key: tuple, q, launch) -> dict:
+    if len(candidates) == 1:
+        return candidates[0]
+    if key in _TUNED:
+        return _TUNED[key]
+    if not _can_time(q):
+        return candidates[0]
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a candidate that fails to compile or launch (out of resources) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best
 
 
 def device_capability(device: torch.device) -> tuple:
@@ -159,7 +197,6 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
     """
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    cfg = _config(head_dim, q.dtype, device_capability(q.device), interpreting())
     paged = block_table is not None
     if paged:
         num_pages, _, page_size, _ = k.shape
@@ -171,24 +208,29 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
         key_capacity = k.shape[2]
         stride_bt_b = 0
     dummy = key_end if key_end is not None else q  # never read when the flag is off
-    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_q_heads)
-    _attention_fwd_kernel[grid](
-        q, k, v, out,
-        key_start if key_start is not None else dummy,
-        dummy,
-        block_table if paged else dummy,
-        num_q_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity, key_end_offset,
-        scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        stride_bt_b,
-        HEAD_DIM=head_dim,
-        CAUSAL=causal,
-        HAS_KEY_START=key_start is not None,
-        HAS_KEY_END=key_end is not None,
-        PAGED=paged,
-        DOT_PRECISION=dot_precision(q.dtype),
-        **cfg,
-    )
+
+    def launch(cfg):
+        grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_q_heads)
+        _attention_fwd_kernel[grid](
+            q, k, v, out,
+            key_start if key_start is not None else dummy,
+            dummy,
+            block_table if paged else dummy,
+            num_q_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity, key_end_offset,
+            scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            stride_bt_b,
+            HEAD_DIM=head_dim,
+            CAUSAL=causal,
+            HAS_KEY_START=key_start is not None,
+            HAS_KEY_END=key_end is not None,
+            PAGED=paged,
+            DOT_PRECISION=dot_precision(q.dtype),
+            **cfg,
+        )
+
+    candidates = _candidates(head_dim, q.dtype, device_capability(q.device), interpreting())
+    launch(_choose_config(candidates, _tuning_key(q, k, causal, paged), q, launch))

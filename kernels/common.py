@@ -84,8 +84,20 @@ def online_softmax_blocks(
         want = (offs_n >= key_start) & (offs_n < key_end)
         k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, k_head_offset, stride_k_page,
                                         stride_k_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-        # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute
-        k = tl.load(K + k_rows[None, :] + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, v_head_offset, stride_v_page,
+                                        stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
+        # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute; v: [BLOCK_N, BLOCK_D]
+        k_ptrs = K + k_rows[None, :] + offs_d[:, None]
+        v_ptrs = V + v_rows[:, None] + offs_d[None, :]
+        if MASKED or PAGED:
+            k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if DOT_PRECISION == "interpret-bf16":
             # the Triton interpreter multiplies bfloat16 dot operands as raw bits
             qk = tl.dot(q.to(tl.float32), k.to(tl.float32)) * qk_scale
@@ -96,15 +108,15 @@ def online_softmax_blocks(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= query_index[:, None] + diag)
             qk = tl.where(visible, qk, float("-inf"))
-        # -- online softmax; a row that has seen no key yet keeps m = -inf, so shift by 0 instead
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            # -- online softmax; a row that has seen no key yet keeps m = -inf, so shift by 0
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = m_new
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, v_head_offset, stride_v_page,
-                                        stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-        v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_PRECISION == "interpret-bf16":
             # round p like the GPU path does, then multiply in float32
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))

@@ -26,8 +26,8 @@ def _decode_split_kernel(
     Q,
     K,
     V,
-    PartialOut,  # [B, H_q, S_q, NUM_SPLITS, HEAD_DIM] fp32, normalised per split
-    PartialLse,  # [B, H_q, S_q, NUM_SPLITS] fp32, log2 domain, -inf where the split saw nothing
+    PartialOut,  # [B, H_q, S_q, num_splits, HEAD_DIM] fp32, normalised per split
+    PartialLse,  # [B, H_q, S_q, num_splits] fp32, log2 domain, -inf where the split saw nothing
     KeyStart,
     KeyEnd,
     BlockTable,
@@ -41,6 +41,7 @@ def _decode_split_kernel(
     page_size,
     num_pages,
     max_pages_per_seq,
+    num_splits,
     # -- strides
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
@@ -51,7 +52,6 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
     HAS_KEY_END: tl.constexpr,
@@ -83,7 +83,7 @@ def _decode_split_kernel(
 
     # -- this program's slice of [key_start, key_end), in whole blocks
     span = tl.maximum(key_end - key_start, 0)
-    chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     lo = key_start + split * chunk
     hi = tl.minimum(lo + chunk, key_end)
 
@@ -99,17 +99,28 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # whole blocks that every packed row sees run unmasked; the tail (sequence end, causal
+    # diagonal of a multi-token query) is masked
+    full_hi = hi
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, diag + 1)
+    full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
-        lo, hi, qk_scale,
+        lo, full_hi, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION)
+    acc, l_i, m_i = online_softmax_blocks(
+        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
+        tl.maximum(full_hi, lo), hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    # partial buffers are contiguous [B, H_q, S_q, NUM_SPLITS, (HEAD_DIM)]
-    partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * NUM_SPLITS + split
+    # partial buffers are contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]
+    partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits + split
     tl.store(PartialLse + partial_row, lse, mask=row_ok)
     tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
 
@@ -121,10 +132,10 @@ def _decode_merge_kernel(
     Out,
     num_q_heads,
     seqlen_q,
+    num_splits,
     stride_o_b, stride_o_h, stride_o_s,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0)  # flattened (b, h, i)
@@ -133,13 +144,13 @@ def _decode_merge_kernel(
     b = row // (seqlen_q * num_q_heads)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
-    lse = tl.load(PartialLse + row.to(tl.int64) * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    lse = tl.load(PartialLse + row.to(tl.int64) * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     weight = tl.math.exp2(lse - m)  # 0 for splits that saw nothing
-    partial = tl.load(PartialOut + (row.to(tl.int64) * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+    partial = tl.load(PartialOut + (row.to(tl.int64) * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                       mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     total = tl.sum(weight, 0)
     out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
@@ -163,12 +174,17 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         num_splits = min(4, triton.cdiv(key_capacity, block_n))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
                     num_warps=4, num_stages=1)
-    block_n = 64 if block_d <= 128 and dtype != torch.float32 else 32
-    # enough programs for ~4 resident per SM, but never slices shorter than a few blocks
+    if dtype == torch.float32:
+        block_n = 32
+    else:
+        # measured on H100 (fp16): 128-key blocks win at head_dim 64, 64-key blocks at 128+
+        block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
+    # ~2 programs per SM; at least 2 splits so one long sequence in a ragged batch cannot
+    # straggle; never slices shorter than two blocks
     programs = batch * num_kv_heads
-    num_splits = triton.cdiv(4 * sm_count, programs)
-    num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 4 * block_n), 128))
-    stages = 2 if capability[0] < 8 else 3
+    num_splits = max(2, triton.cdiv(2 * sm_count, programs))
+    num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
+    stages = 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
                 num_warps=4, num_stages=stages)
 
@@ -196,7 +212,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
                   head_dim, q.dtype, device_capability(q.device), sm_count, interpret)
-    num_splits = cfg["NUM_SPLITS"]
+    cfg = dict(cfg)
+    num_splits = cfg.pop("NUM_SPLITS")
     partial_out = torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32,
                               device=q.device)
     partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
@@ -207,7 +224,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         dummy,
         block_table if paged else dummy,
         num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity, key_end_offset,
-        scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
+        scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -221,9 +238,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         **cfg,
     )
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
-        partial_out, partial_lse, out, num_q_heads, seqlen_q,
+        partial_out, partial_lse, out, num_q_heads, seqlen_q, num_splits,
         out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
         num_warps=4 if cfg["BLOCK_D"] * num_splits >= 4096 else 1,
     )
