@@ -30,6 +30,14 @@ def _mark_static(tensor: torch.Tensor) -> None:
         pass
 
 
+def config_dims(config) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a transformers config, as the model computes them."""
+    num_q_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+    return config.num_hidden_layers, num_kv_heads, head_dim
+
+
 class StaticKVCache(nn.Module):
     """Per-layer K/V buffers of fixed shape and per-sequence lengths, for graph-captured decode.
 
@@ -142,16 +150,14 @@ class StaticKVCache(nn.Module):
         StaticKVCache
             Buffers ``[B, H_kv, S_max, D]`` per layer.
         """
-        num_q_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+        num_layers, num_kv_heads, head_dim = config_dims(config)
         if dtype is None:
             config_dtype = getattr(config, "dtype", None)
             if isinstance(config_dtype, str):
                 config_dtype = getattr(torch, config_dtype, None)
             dtype = config_dtype if isinstance(config_dtype, torch.dtype) else torch.float16
         return cls(
-            config.num_hidden_layers, batch_size, num_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device
+            num_layers, batch_size, num_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device
         )
 
     @classmethod

@@ -1,11 +1,16 @@
-"""Run the real Triton kernels on CPU through the interpreter (must be set before triton loads)."""
+"""Without a GPU, run the real Triton kernels on CPU through the interpreter.
+
+TRITON_INTERPRET is read when triton is imported, so it is decided here, before any test module
+imports flashkv_ops. `import torch` does not import triton.
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,96 @@
+"""Print the README's benchmark sections (markdown tables and plot links) from the JSON rows.
+
+``python benchmarks/report.py [--out DIR] [--sections decode,prefill,e2e]`` reads
+``DIR/{decode,prefill,e2e}.json`` and prints, per file, a heading, the GPU and versions the rows
+were measured with, the table and a link to the PNG (relative to the repository root when the
+directory lies inside it). Paste the output into README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+if __package__ in (None, ""):
+    # Run as a script: make `benchmarks` importable from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
+from benchmarks.bench_decode import decode_table
+from benchmarks.bench_e2e import e2e_table
+from benchmarks.bench_prefill import prefill_table
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SECTIONS: dict[str, tuple[str, str, Callable[[Sequence[dict[str, Any]]], str]]] = {
+    "decode": (
+        "Decode attention against a KV cache",
+        "One query token per sequence, CUDA-graph replay timing. GB/s and % count the K/V bytes "
+        f"each sequence actually holds (plus q and output) against the {common.BANDWIDTH_LABEL} "
+        "the H100 reaches; \"vs cuDNN\" is SDPA cuDNN's time over the provider's (paged rows: "
+        "over cuDNN on the contiguous cache).",
+        decode_table,
+    ),
+    "prefill": (
+        "Prefill attention",
+        "triton.testing.do_bench median; TFLOP/s = 4·B·H_q·S_q·S_k·D / t with causal work "
+        "counted as half. \"first call\" is the first call's wall time (Triton compilation and "
+        "autotuning for flashkv, plan building for cuDNN).",
+        prefill_table,
+    ),
+    "e2e": (
+        "End-to-end generation",
+        "Random-weight bf16 models of the named shapes, greedy. Decode tokens/s exclude the "
+        "prefill (timed by a max_new_tokens=1 call); GB/s counts the weights read per step "
+        "(all but the input embedding table) plus the K/V held, over the time per step.",
+        e2e_table,
+    ),
+}
+
+
+def _link(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def render_section(name: str, rows: Sequence[dict[str, Any]], png: Path | None = None) -> str:
+    """Markdown for one benchmark: heading, method note, environment line, table, plot link."""
+    if name not in SECTIONS:
+        raise ValueError(f"section must be one of {list(SECTIONS)}, got {name!r}")
+    title, method, table = SECTIONS[name]
+    parts = [f"### {title}", "", method, "", f"Measured on: {common.env_summary(rows)}.", "",
+             table(rows)]
+    if png is not None and png.exists():
+        parts += ["", f"![{title}]({_link(png)})"]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT,
+                        help="directory holding decode.json, prefill.json, e2e.json")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of " + ",".join(SECTIONS))
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    printed = 0
+    for name in names:
+        source = args.out / f"{name}.json"
+        if not source.exists():
+            print(f"({source} not found: run benchmarks/bench_{name}.py)", file=sys.stderr)
+            continue
+        rows = common.load_rows(source)
+        print(render_section(name, rows, args.out / f"{name}.png"), flush=True)
+        printed += 1
+    return 0 if printed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

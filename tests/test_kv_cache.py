@@ -1,0 +1,274 @@
+"""``flashkv_ops.attention_with_kv_cache`` (contiguous caches): outputs against the float64
+reference, in-place append semantics, prefill + decode, and the split-KV decode path (S_q small)
+around its split boundaries.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flashkv_ops as fkv
+from reference import (assert_close_to_ref, attention_ref, bit_equal, kv_cache_ref, linearize,
+                       lowp_attention_torch, max_err, randn)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GQA_RATIOS = [1, 2, 4, 7, 8]
+PROPERTY = settings(deadline=None, max_examples=20, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def run_and_check(q, k_cache, v_cache, cache_seqlens, k=None, v=None, *, causal=True,
+                  scale=None, what=""):
+    """Run the op on the given caches and check output, cache contents and lengths.
+
+    Checks: output within the accuracy criterion of the fp64 reference; the caches afterwards
+    are bit-identical to "old caches with exactly the new slots overwritten"; cache_seqlens
+    untouched; q/k/v untouched. Returns the output.
+    """
+    want_out, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, cache_seqlens, k, v,
+                                            causal=causal, scale=scale)
+    lens0 = cache_seqlens.clone()
+    q0 = q.clone()
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k, v,
+                                      causal=causal, scale=scale)
+    assert out.shape == q.shape and out.dtype == q.dtype, what
+    assert torch.equal(cache_seqlens, lens0), f"{what}: cache_seqlens was modified"
+    assert cache_seqlens.dtype == torch.int32
+    assert torch.equal(q, q0), f"{what}: q was modified"
+    assert bit_equal(k_cache, want_k), f"{what}: k_cache slots differ from expected append"
+    assert bit_equal(v_cache, want_v), f"{what}: v_cache slots differ from expected append"
+    lowp = None
+    if q.dtype != torch.float32:
+        total = [int(n) + (q.shape[2] if k is not None else 0) for n in lens0]
+        k_lin, v_lin = linearize(want_k, want_v, total)
+        lowp = lowp_attention_torch(q, k_lin, v_lin, causal=causal, scale=scale,
+                                    key_start=[0] * q.shape[0], key_end=total)
+    assert_close_to_ref(out, want_out, lowp, what=what)
+    return out
+
+
+def make_cache(batch, num_kv_heads, s_max, head_dim, dtype, generator, *, poison="randn"):
+    """Caches ``[B, H_kv, S_max, D]`` filled entirely with garbage: random values (so any stray
+    write or read of an invisible slot shows up), or NaN."""
+    if poison == "nan":
+        k_cache = torch.full((batch, num_kv_heads, s_max, head_dim), float("nan"), dtype=dtype)
+        return k_cache, k_cache.clone()
+    k_cache = randn((batch, num_kv_heads, s_max, head_dim), dtype, generator=generator)
+    v_cache = randn((batch, num_kv_heads, s_max, head_dim), dtype, generator=generator)
+    return k_cache, v_cache
+
+
+# -- property test -------------------------------------------------------------------------------
+
+@st.composite
+def cache_cases(draw):
+    head_dim = draw(st.sampled_from([8, 16, 40, 64] * 3 + [80, 96, 128, 256]))
+    big = head_dim > 64
+    ratio = draw(st.sampled_from(GQA_RATIOS))
+    batch = draw(st.integers(1, 2 if big else 3))
+    s_q = draw(st.integers(1, 16 if big else 40))
+    max_len = 16 if big else 64
+    lens = [draw(st.integers(0, max_len)) for _ in range(batch)]
+    with_new = draw(st.sampled_from([True, True, True, False]))
+    slack = draw(st.integers(0, 8))
+    s_max = max(lens) + (s_q if with_new else 0) + slack
+    s_max = max(s_max, 1)
+    return dict(
+        batch=batch, num_kv_heads=draw(st.integers(1, 1 if big or ratio >= 7 else 4)),
+        ratio=ratio, head_dim=head_dim, s_q=s_q, lens=lens, s_max=s_max, with_new=with_new,
+        causal=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+        q_bshd=draw(st.booleans()), kv_bshd=draw(st.booleans()),
+        custom_scale=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@PROPERTY
+@given(case=cache_cases())
+def test_kv_cache_matches_reference(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    b, hkv, d, s_q, dtype = (case["batch"], case["num_kv_heads"], case["head_dim"], case["s_q"],
+                             case["dtype"])
+    hq = hkv * case["ratio"]
+    k_cache, v_cache = make_cache(b, hkv, case["s_max"], d, dtype, g)
+    q = randn((b, hq, s_q, d), dtype, generator=g, bshd=case["q_bshd"])
+    k = v = None
+    if case["with_new"]:
+        k = randn((b, hkv, s_q, d), dtype, generator=g, bshd=case["kv_bshd"])
+        v = randn((b, hkv, s_q, d), dtype, generator=g, bshd=case["kv_bshd"])
+    lens = torch.tensor(case["lens"], dtype=torch.int32)
+    run_and_check(q, k_cache, v_cache, lens, k, v, causal=case["causal"],
+                  scale=0.2 if case["custom_scale"] else None, what=str(case))
+
+
+# -- split-KV decode (few query tokens) ----------------------------------------------------------
+
+# Split sizes are an implementation detail, so lengths sit at every power-of-two boundary +-1.
+BOUNDARY_LENGTHS = [0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257,
+                    511, 512, 513, 767, 1000, 1019]
+
+
+@st.composite
+def decode_cases(draw):
+    s_q = draw(st.integers(1, 4))
+    batch = draw(st.integers(1, 3))
+    s_max = draw(st.sampled_from([260, 520, 1024, 1040]))
+    fits = [n for n in BOUNDARY_LENGTHS if n + s_q <= s_max]
+    lens = [draw(st.sampled_from(fits)) for _ in range(batch)]
+    return dict(
+        batch=batch, s_q=s_q, s_max=s_max, lens=lens,
+        num_kv_heads=draw(st.integers(1, 2)), ratio=draw(st.sampled_from(GQA_RATIOS)),
+        causal=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+        with_new=draw(st.sampled_from([True, True, False])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(deadline=None, max_examples=15, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=decode_cases())
+def test_split_kv_decode_boundaries(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    b, hkv, s_q, dtype, d = case["batch"], case["num_kv_heads"], case["s_q"], case["dtype"], 16
+    hq = hkv * case["ratio"]
+    k_cache, v_cache = make_cache(b, hkv, case["s_max"], d, dtype, g)
+    q = randn((b, hq, s_q, d), dtype, generator=g)
+    k = v = None
+    if case["with_new"]:
+        k = randn((b, hkv, s_q, d), dtype, generator=g)
+        v = randn((b, hkv, s_q, d), dtype, generator=g)
+    lens = torch.tensor(case["lens"], dtype=torch.int32)
+    run_and_check(q, k_cache, v_cache, lens, k, v, causal=case["causal"], what=str(case))
+
+
+@pytest.mark.parametrize("lens", [[0, 1, 64, 1019], [129, 0, 1000, 2], [1022, 1022, 1022, 1022]])
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_split_kv_decode_uneven_batch(lens, s_q):
+    # Very different per-sequence lengths in one launch (the grid is fixed by S_max=1024, so
+    # most splits of the short sequences are empty and must contribute nothing).
+    g = torch.Generator().manual_seed(sum(lens) + s_q)
+    d, hkv, hq = 16, 2, 8
+    k_cache, v_cache = make_cache(len(lens), hkv, 1024, d, torch.float32, g)
+    q = randn((len(lens), hq, s_q, d), torch.float32, generator=g)
+    k = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
+    v = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
+    run_and_check(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v,
+                  what=f"lens={lens}")
+
+
+def test_decode_empty_cache_without_new_tokens_gives_zeros():
+    # length 0 and no k/v: nothing to attend -> exact zeros, not NaN.
+    g = torch.Generator().manual_seed(11)
+    k_cache, v_cache = make_cache(2, 1, 64, 16, torch.float16, g)
+    q = randn((2, 4, 1, 16), torch.float16, generator=g)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+    out = run_and_check(q, k_cache, v_cache, lens, causal=True, what="empty")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+# -- in-place append semantics -----------------------------------------------------------------
+
+@pytest.mark.parametrize("s_q", [1, 3, 24])
+def test_nan_garbage_beyond_lengths_does_not_leak(s_q):
+    # Uninitialised cache memory can hold NaN; slots beyond each length must be neither read
+    # into the result (0 * NaN = NaN) nor written, and exactly the new slots must change.
+    g = torch.Generator().manual_seed(12 + s_q)
+    d, hkv, hq = 16, 2, 4
+    lens = torch.tensor([0, 7, 33], dtype=torch.int32)
+    k_cache, v_cache = make_cache(3, hkv, 33 + s_q + 5, d, torch.float16, g, poison="nan")
+    # valid prefix: finite values
+    for b, n in enumerate(lens.tolist()):
+        k_cache[b, :, :n] = randn((hkv, n, d), torch.float16, generator=g) if n else 0
+        v_cache[b, :, :n] = randn((hkv, n, d), torch.float16, generator=g) if n else 0
+    q = randn((3, hq, s_q, d), torch.float16, generator=g)
+    k = randn((3, hkv, s_q, d), torch.float16, generator=g)
+    v = randn((3, hkv, s_q, d), torch.float16, generator=g)
+    out = run_and_check(q, k_cache, v_cache, lens, k, v, causal=True, what=f"nan s_q={s_q}")
+    assert not torch.isnan(out).any()
+    # the untouched tail is still NaN (bit_equal inside run_and_check already checked this)
+    assert torch.isnan(k_cache[0, :, s_q:]).all()
+
+
+def test_cache_in_bshd_layout_view():
+    # A cache stored [B, S_max, H, D] and passed as a transposed view: strides are arbitrary
+    # with a contiguous last dim, and the append must go through those strides.
+    g = torch.Generator().manual_seed(13)
+    b, hkv, hq, s_max, d, s_q = 2, 2, 4, 20, 16, 3
+    k_cache = randn((b, hkv, s_max, d), torch.float32, generator=g, bshd=True)
+    v_cache = randn((b, hkv, s_max, d), torch.float32, generator=g, bshd=True)
+    q = randn((b, hq, s_q, d), torch.float32, generator=g)
+    k = randn((b, hkv, s_q, d), torch.float32, generator=g)
+    v = randn((b, hkv, s_q, d), torch.float32, generator=g)
+    run_and_check(q, k_cache, v_cache, torch.tensor([4, 17], dtype=torch.int32), k, v,
+                  what="bshd cache")
+
+
+def test_append_fills_cache_to_exact_capacity():
+    g = torch.Generator().manual_seed(14)
+    k_cache, v_cache = make_cache(2, 1, 10, 8, torch.float32, g)
+    q = randn((2, 2, 4, 8), torch.float32, generator=g)
+    k = randn((2, 1, 4, 8), torch.float32, generator=g)
+    v = randn((2, 1, 4, 8), torch.float32, generator=g)
+    run_and_check(q, k_cache, v_cache, torch.tensor([6, 0], dtype=torch.int32), k, v,
+                  what="to capacity")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_then_decode_equals_full_causal_attention(dtype):
+    g = torch.Generator().manual_seed(15)
+    b, hkv, hq, d, prompt, steps = 2, 2, 8, 32, 11, 6
+    total = prompt + steps
+    q = randn((b, hq, total, d), dtype, generator=g)
+    k = randn((b, hkv, total, d), dtype, generator=g)
+    v = randn((b, hkv, total, d), dtype, generator=g)
+    k_cache = torch.zeros(b, hkv, total + 3, d, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    lens = torch.zeros(b, dtype=torch.int32)
+    outs = [fkv.attention_with_kv_cache(q[:, :, :prompt], k_cache, v_cache, lens,
+                                        k[:, :, :prompt], v[:, :, :prompt])]
+    for t in range(prompt, total):
+        lens.fill_(t)
+        outs.append(fkv.attention_with_kv_cache(q[:, :, t:t + 1], k_cache, v_cache, lens,
+                                                k[:, :, t:t + 1], v[:, :, t:t + 1]))
+    got = torch.cat(outs, dim=2)
+    assert torch.equal(k_cache[:, :, :total], k) and torch.equal(v_cache[:, :, :total], v)
+    ref = attention_ref(q, k, v, causal=True)
+    lowp = None if dtype == torch.float32 else lowp_attention_torch(q, k, v, causal=True)
+    assert_close_to_ref(got, ref, lowp, what="prefill+decode")
+    # and the same as the library's own full causal attention
+    full = fkv.attention(q, k, v, causal=True)
+    assert max_err(got, full) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_gqa_32_to_8_cache_holds_kv_heads_only():
+    # The cache keeps H_kv=8 heads for 32 query heads: 4x less memory than repeated K/V, and
+    # the results equal attention over the repeated heads.
+    g = torch.Generator().manual_seed(16)
+    b, hq, hkv, d, s_max = 1, 32, 8, 16, 24
+    k_cache, v_cache = make_cache(b, hkv, s_max, d, torch.float16, g)
+    repeated_bytes = b * hq * s_max * d * k_cache.element_size()
+    assert k_cache.numel() * k_cache.element_size() * 4 == repeated_bytes
+    q = randn((b, hq, 2, d), torch.float16, generator=g)
+    k = randn((b, hkv, 2, d), torch.float16, generator=g)
+    v = randn((b, hkv, 2, d), torch.float16, generator=g)
+    lens = torch.tensor([9], dtype=torch.int32)
+    out = run_and_check(q, k_cache, v_cache, lens, k, v, what="32:8")
+    kr = k_cache[:, :, :11].float().repeat_interleave(4, dim=1)
+    vr = v_cache[:, :, :11].float().repeat_interleave(4, dim=1)
+    want = attention_ref(q.float(), kr, vr, causal=True)
+    assert max_err(out, want) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_cache_huge_scores_stay_finite(dtype):
+    g = torch.Generator().manual_seed(17)
+    k_cache, v_cache = make_cache(1, 1, 40, 16, dtype, g)
+    k_cache.mul_(100)
+    q = randn((1, 4, 1, 16), dtype, generator=g, scale=100.0)
+    k = randn((1, 1, 1, 16), dtype, generator=g, scale=100.0)
+    v = randn((1, 1, 1, 16), dtype, generator=g)
+    lens = torch.tensor([30], dtype=torch.int32)
+    want, _, _ = kv_cache_ref(q, k_cache, v_cache, lens, k, v)
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v)
+    assert torch.isfinite(out).all()
+    assert max_err(out, want) < (1e-3 if dtype == torch.float32 else 2e-2)

@@ -1,0 +1,365 @@
+"""Paged KV cache: ``attention_with_kv_cache(..., block_table=...)`` against the contiguous cache
+and the float64 reference, bad block tables, and the ``PagedKVCache`` page allocator.
+
+Logical position ``p`` of sequence ``b`` lives in page ``block_table[b, p // page_size]``, slot
+``p % page_size`` (DESIGN.md). Unused table entries are ``-1`` (the allocator's convention) or
+arbitrary valid pages: neither may be read or written.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flashkv_ops as fkv
+from reference import (assert_close_to_ref, bit_equal, gather_pages, kv_cache_ref, linearize,
+                       lowp_attention_torch, max_err, randn)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PROPERTY = settings(deadline=None, max_examples=20, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def build_paged(k_cache, v_cache, lens, s_q, page_size, generator, *, extra_pages=0,
+                extra_columns=0, unused="minus_one", with_new=True, garbage="randn"):
+    """Scatter contiguous caches ``[B, H, S_max, D]`` into a pool with a random page permutation.
+
+    Each sequence gets the pages for ``lens[b] + s_q`` tokens. Pool slots not holding a valid
+    token get fresh random garbage. Returns ``(k_pages, v_pages, block_table)``.
+    """
+    batch, heads, _, head_dim = k_cache.shape
+    need = [-(-(n + (s_q if with_new else 0)) // page_size) for n in lens]
+    num_pages = sum(need) + extra_pages
+    num_pages = max(num_pages, 1)
+    perm = torch.randperm(num_pages, generator=generator).tolist()
+    max_pages = max(max(need), 1) + extra_columns
+    table = torch.full((batch, max_pages), -1, dtype=torch.int32)
+    if unused == "random":
+        table = torch.randint(0, num_pages, (batch, max_pages), generator=generator,
+                              dtype=torch.int32)
+    k_pages = randn((num_pages, heads, page_size, head_dim), k_cache.dtype, generator=generator)
+    v_pages = randn((num_pages, heads, page_size, head_dim), k_cache.dtype, generator=generator)
+    if garbage == "nan":  # uninitialised memory: invisible slots must not leak into results
+        k_pages.fill_(float("nan"))
+        v_pages.fill_(float("nan"))
+    it = iter(perm)
+    for b in range(batch):
+        for i in range(need[b]):
+            table[b, i] = next(it)
+        for pos in range(lens[b]):
+            page, slot = int(table[b, pos // page_size]), pos % page_size
+            k_pages[page, :, slot] = k_cache[b, :, pos]
+            v_pages[page, :, slot] = v_cache[b, :, pos]
+    return k_pages, v_pages, table
+
+
+def check_paged_vs_contiguous(case, g):
+    b, hkv, d, s_q, dtype = (case["batch"], case["num_kv_heads"], case["head_dim"],
+                             case["s_q"], case["dtype"])
+    hq = hkv * case["ratio"]
+    lens_list, with_new = case["lens"], case["with_new"]
+    s_max = max(lens_list) + (s_q if with_new else 0) + 2
+    k_cache = randn((b, hkv, s_max, d), dtype, generator=g)
+    v_cache = randn((b, hkv, s_max, d), dtype, generator=g)
+    k_pages, v_pages, table = build_paged(k_cache, v_cache, lens_list, s_q, case["page_size"], g,
+                                          extra_pages=case["extra_pages"],
+                                          extra_columns=case["extra_columns"],
+                                          unused=case["unused"], with_new=with_new,
+                                          garbage=case.get("garbage", "randn"))
+    q = randn((b, hq, s_q, d), dtype, generator=g, bshd=case.get("q_bshd", False))
+    k = v = None
+    if with_new:
+        k = randn((b, hkv, s_q, d), dtype, generator=g)
+        v = randn((b, hkv, s_q, d), dtype, generator=g)
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    table0 = table.clone()
+    want_out, want_kp, want_vp = kv_cache_ref(q, k_pages, v_pages, lens, k, v,
+                                              causal=case["causal"], block_table=table)
+    paged = fkv.attention_with_kv_cache(q, k_pages, v_pages, lens, k, v, causal=case["causal"],
+                                        block_table=table)
+    contig = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v, causal=case["causal"])
+    what = str(case)
+    assert torch.equal(table, table0), f"{what}: block_table modified"
+    assert torch.equal(lens, torch.tensor(lens_list, dtype=torch.int32)), what
+    # the pool after the call: exactly the new tokens' slots changed, every other byte intact
+    assert bit_equal(k_pages, want_kp), f"{what}: k pages differ from the expected append"
+    assert bit_equal(v_pages, want_vp), f"{what}: v pages differ from the expected append"
+    # mapped back through the table, the pool holds what the contiguous cache holds
+    total = [n + (s_q if with_new else 0) for n in lens_list]
+    lin_k = gather_pages(k_pages, table)
+    lin_v = gather_pages(v_pages, table)
+    for i, n in enumerate(total):
+        assert bit_equal(lin_k[i, :, :n], k_cache[i, :, :n]), f"{what}: seq {i} k differs"
+        assert bit_equal(lin_v[i, :, :n], v_cache[i, :, :n]), f"{what}: seq {i} v differs"
+    lowp = None
+    if dtype != torch.float32:
+        k_lin, v_lin = linearize(want_kp, want_vp, total, table)
+        lowp = lowp_attention_torch(q, k_lin, v_lin, causal=case["causal"],
+                                    key_start=[0] * b, key_end=total)
+    assert_close_to_ref(paged, want_out, lowp, what=what)
+    same = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 2e-2)
+    assert max_err(paged, contig) <= same, f"{what}: paged and contiguous disagree"
+
+
+@st.composite
+def paged_cases(draw):
+    decode = draw(st.booleans())
+    s_q = draw(st.integers(1, 4)) if decode else draw(st.integers(5, 24))
+    batch = draw(st.integers(1, 3))
+    return dict(
+        batch=batch, s_q=s_q,
+        lens=[draw(st.integers(0, 60)) for _ in range(batch)],
+        page_size=draw(st.sampled_from([1, 8, 16, 3])),
+        num_kv_heads=draw(st.integers(1, 2)), ratio=draw(st.sampled_from([1, 2, 4, 7, 8])),
+        head_dim=draw(st.sampled_from([16, 32, 64])),
+        causal=draw(st.sampled_from([True, True, False])),
+        dtype=draw(st.sampled_from(DTYPES)),
+        with_new=draw(st.sampled_from([True, True, True, False])),
+        extra_pages=draw(st.integers(0, 4)), extra_columns=draw(st.integers(0, 2)),
+        unused=draw(st.sampled_from(["minus_one", "random"])),
+        q_bshd=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@PROPERTY
+@given(case=paged_cases())
+def test_paged_matches_contiguous(case):
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+
+
+BASE = dict(num_kv_heads=2, ratio=4, head_dim=16, causal=True, dtype=torch.float32,
+            with_new=True, extra_pages=1, extra_columns=1, unused="minus_one")
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 16])
+@pytest.mark.parametrize("s_q,lens", [
+    (1, [7, 8, 15]),     # decode: the new token is the last slot / first slot of a page
+    (1, [0, 16, 31]),
+    (3, [6, 14, 0]),     # multi-token append crossing a page boundary
+    (20, [5, 13, 40]),   # multi-token append spanning several pages
+])
+def test_paged_page_boundaries(page_size, s_q, lens):
+    case = dict(BASE, batch=len(lens), s_q=s_q, lens=lens, page_size=page_size,
+                seed=page_size * 100 + s_q)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+
+
+@pytest.mark.parametrize("s_q", [1, 6])
+def test_paged_nan_garbage_in_partial_pages_does_not_leak(s_q):
+    # pages are partly filled; their tails and the spare pages hold NaN
+    case = dict(BASE, batch=3, s_q=s_q, lens=[0, 5, 21], page_size=8, garbage="nan",
+                unused="random", dtype=torch.float16, seed=40 + s_q)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+
+
+def test_paged_split_kv_long_sequences():
+    # decode over ~500-1000 tokens in pages of 16: the split-KV path walks many pages
+    case = dict(BASE, batch=3, s_q=1, lens=[1000, 129, 511], page_size=16, seed=5)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(5))
+
+
+# -- bad block tables ---------------------------------------------------------------------------
+
+def _bad_table_inputs():
+    g = torch.Generator().manual_seed(21)
+    num_pages, page_size, hkv, d = 6, 4, 1, 16
+    k_pages = randn((num_pages, hkv, page_size, d), torch.float32, generator=g)
+    v_pages = randn((num_pages, hkv, page_size, d), torch.float32, generator=g)
+    table = torch.tensor([[3, 0, -1], [5, 1, 2]], dtype=torch.int32)
+    lens = torch.tensor([4, 9], dtype=torch.int32)  # seq 0 appends into page table[0,1]
+    q = randn((2, 2, 1, d), torch.float32, generator=g)
+    k = randn((2, hkv, 1, d), torch.float32, generator=g)
+    v = randn((2, hkv, 1, d), torch.float32, generator=g)
+    return dict(q=q, k_pages=k_pages, v_pages=v_pages, lens=lens, k=k, v=v, table=table)
+
+
+def _call(a):
+    return fkv.attention_with_kv_cache(a["q"], a["k_pages"], a["v_pages"], a["lens"], a["k"],
+                                       a["v"], block_table=a["table"])
+
+
+def test_bad_table_baseline_is_valid():
+    _call(_bad_table_inputs())
+
+
+@pytest.mark.parametrize("where,value", [
+    ((0, 1), 6),      # == num_pages, in the page the new token goes to
+    ((1, 0), 100),    # far outside, in a page that is only read
+    ((0, 0), -1),     # negative in a used slot
+    ((1, 2), -7),
+])
+def test_bad_block_table_entry_raises_and_writes_nothing(where, value):
+    a = _bad_table_inputs()
+    a["table"][where] = value
+    kp, vp, table0 = a["k_pages"].clone(), a["v_pages"].clone(), a["table"].clone()
+    with pytest.raises(ValueError, match="block_table"):
+        _call(a)
+    assert bit_equal(a["k_pages"], kp) and bit_equal(a["v_pages"], vp)
+    assert torch.equal(a["table"], table0)
+
+
+def test_block_table_wrong_dtype_and_shape():
+    a = _bad_table_inputs()
+    a["table"] = a["table"].long()
+    with pytest.raises(TypeError, match="block_table"):
+        _call(a)
+    a = _bad_table_inputs()
+    a["table"] = a["table"][:1]
+    with pytest.raises(ValueError, match="block_table"):
+        _call(a)
+    a = _bad_table_inputs()
+    a["table"] = a["table"][:, :, None]
+    with pytest.raises(ValueError, match="block_table"):
+        _call(a)
+
+
+def test_table_too_short_for_length_is_overflow():
+    # capacity is max_pages_per_seq * page_size = 3 * 4 = 12; 11 + 2 tokens overflow
+    a = _bad_table_inputs()
+    a["lens"] = torch.tensor([0, 11], dtype=torch.int32)
+    a["q"] = a["q"].expand(-1, -1, 2, -1).contiguous()
+    a["k"] = a["k"].expand(-1, -1, 2, -1).contiguous()
+    a["v"] = a["v"].expand(-1, -1, 2, -1).contiguous()
+    kp = a["k_pages"].clone()
+    with pytest.raises(ValueError, match="cache_seqlens|block_table"):
+        _call(a)
+    assert bit_equal(a["k_pages"], kp)
+
+
+# -- PagedKVCache allocator --------------------------------------------------------------------
+
+def make_pool(num_pages=8, page_size=4, max_batch_size=3, max_pages_per_seq=4, num_layers=2):
+    return fkv.PagedKVCache(num_pages, page_size, 2, 16, num_layers=num_layers,
+                            max_batch_size=max_batch_size, max_pages_per_seq=max_pages_per_seq,
+                            dtype=torch.float32, device="cpu")
+
+
+def test_pool_layout():
+    c = make_pool()
+    assert len(c.k_pages) == 2 and len(c.v_pages) == 2
+    assert c.k_pages[0].shape == (8, 2, 4, 16) and c.k_pages[1].dtype == torch.float32
+    assert c.block_table.shape == (3, 4) and c.block_table.dtype == torch.int32
+    assert c.seqlens.shape == (3,) and c.seqlens.dtype == torch.int32
+    assert c.num_free_pages == 8
+    assert int(c.seqlens.sum()) == 0
+
+
+def test_reserve_grows_by_pages():
+    c = make_pool()
+    c.reserve(0, 5)  # 2 pages of 4
+    assert c.num_free_pages == 6
+    row = c.block_table[0].tolist()
+    assert len(set(row[:2])) == 2 and all(0 <= p < 8 for p in row[:2])
+    assert row[:2] == c.pages_of(0)
+    c.advance(0, 5)
+    assert int(c.seqlens[0]) == 5
+    c.reserve(0, 3)  # room for 3 more after the 5 written: 8 tokens, still 2 pages
+    assert c.num_free_pages == 6
+    c.advance(0, 3)
+    c.reserve(0, 1)  # 9 tokens: a third page
+    assert c.num_free_pages == 5
+    c.reserve(0, 1)  # reserving the same room again takes nothing
+    assert c.num_free_pages == 5
+    assert len(set(c.pages_of(0))) == 3
+
+
+def test_block_table_and_seqlens_updated_in_place():
+    # A captured CUDA graph holds these tensors' storage: the allocator must update in place.
+    c = make_pool()
+    table_ptr, lens_ptr = c.block_table.data_ptr(), c.seqlens.data_ptr()
+    c.reserve(1, 9)
+    c.advance(1, 9)
+    c.free(1)
+    c.reserve(2, 3)
+    assert c.block_table.data_ptr() == table_ptr and c.seqlens.data_ptr() == lens_ptr
+
+
+def test_pool_exhaustion_is_clear_and_changes_nothing():
+    c = make_pool(num_pages=4, max_pages_per_seq=4)
+    c.reserve(0, 12)  # 3 pages
+    c.advance(0, 12)
+    c.k_pages[0].normal_()
+    c.v_pages[1].normal_()
+    data = [t.clone() for t in c.k_pages + c.v_pages]
+    table0, lens0, free0 = c.block_table.clone(), c.seqlens.clone(), c.num_free_pages
+    with pytest.raises(RuntimeError) as info:
+        c.reserve(1, 8)  # needs 2 pages, 1 free
+    assert "exhaust" in str(info.value).lower() or "free" in str(info.value).lower()
+    assert isinstance(info.value, fkv.PoolExhaustedError)
+    assert torch.equal(c.block_table, table0) and torch.equal(c.seqlens, lens0)
+    assert c.num_free_pages == free0
+    assert all(torch.equal(a, b) for a, b in zip(c.k_pages + c.v_pages, data))
+    c.reserve(1, 4)  # the last page still works
+    assert c.num_free_pages == 0
+    assert set(c.pages_of(1)).isdisjoint(c.pages_of(0))
+
+
+def test_reserve_past_max_pages_per_seq_raises_value_error():
+    c = make_pool(num_pages=16, max_pages_per_seq=2)  # capacity 8 tokens
+    c.reserve(0, 8)
+    c.advance(0, 8)
+    free0 = c.num_free_pages
+    with pytest.raises(ValueError):
+        c.reserve(0, 1)
+    assert c.num_free_pages == free0
+
+
+def test_advance_past_reserved_raises():
+    c = make_pool()
+    c.reserve(0, 3)
+    with pytest.raises(ValueError):
+        c.advance(0, 4)
+
+
+def test_free_returns_pages_for_reuse_and_live_pages_survive():
+    g = torch.Generator().manual_seed(31)
+    c = make_pool(num_pages=5, page_size=4, max_batch_size=2, max_pages_per_seq=5, num_layers=1)
+    hq, d = 4, 16
+
+    def step(tokens_by_seq):
+        """Append ``tokens_by_seq[b]`` new tokens (same for both slots, per the op) and check."""
+        s_q = tokens_by_seq
+        for b in range(2):
+            c.reserve(b, s_q)
+        q = randn((2, hq, s_q, d), torch.float32, generator=g)
+        k = randn((2, 2, s_q, d), torch.float32, generator=g)
+        v = randn((2, 2, s_q, d), torch.float32, generator=g)
+        lens = c.seqlens.clone()
+        want, want_k, want_v = kv_cache_ref(q, c.k_pages[0], c.v_pages[0], lens, k, v,
+                                            block_table=c.block_table)
+        out = c.attention(0, q, k, v)
+        assert bit_equal(c.k_pages[0], want_k) and bit_equal(c.v_pages[0], want_v)
+        assert_close_to_ref(out, want, what="pool step")
+        for b in range(2):
+            c.advance(b, s_q)
+        return k, v
+
+    step(5)       # both sequences: 5 tokens -> 2 pages each, 1 page free
+    step(1)       # 6 tokens each
+    assert c.num_free_pages == 1
+    live_pages = c.pages_of(1)
+    live = [(c.k_pages[0][p].clone(), c.v_pages[0][p].clone()) for p in live_pages]
+    with pytest.raises(fkv.PoolExhaustedError):
+        c.reserve(0, 8)  # 14 tokens -> 4 pages: 2 more, only 1 free
+    freed = c.pages_of(0)
+    c.free(0)
+    assert c.num_free_pages == 3
+    assert int(c.seqlens[0]) == 0 and (c.block_table[0] == -1).all()
+    # sequence 0 restarts; its page comes from the freed ones or the one never handed out
+    step(3)       # seq 0: 3 tokens (1 page), seq 1: 9 tokens (3 pages)
+    assert c.num_free_pages == 1
+    assert set(c.pages_of(0)) <= (set(freed) | set(range(5))) - set(live_pages)
+    assert set(c.pages_of(0)).isdisjoint(c.pages_of(1))
+    assert c.pages_of(1)[:len(live_pages)] == live_pages
+    # the live sequence's 6 old tokens were not touched by the restarted one
+    for i, (p, (kp, vp)) in enumerate(zip(live_pages, live)):
+        n_old = max(0, min(4, 6 - 4 * i))
+        assert torch.equal(c.k_pages[0][p][:, :n_old], kp[:, :n_old])
+        assert torch.equal(c.v_pages[0][p][:, :n_old], vp[:, :n_old])
+    # and reused memory is fully reusable: free both, the whole pool is available again
+    c.free(0)
+    c.free(1)
+    assert c.num_free_pages == 5
+    c.reserve(0, 20)
+    assert sorted(c.pages_of(0)) == list(range(5))
