@@ -40,6 +40,10 @@ def attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, cau
     visible = (positions[None, :] >= start[:, None]) & (positions[None, :] < end[:, None])  # [B, S_k]
     if block_table is not None:
         visible = visible & valid_pages
+    # slots outside the range may hold anything (NaN included): 0 * NaN would leak through
+    in_range = visible[:, None, :, None]
+    k = torch.where(in_range, k, 0).to(compute)
+    v = torch.where(in_range, v, 0).to(compute)
     visible = visible[:, None, :].expand(batch, seqlen_q, capacity)
     if causal:
         rows = torch.arange(seqlen_q, device=q.device)
@@ -47,11 +51,11 @@ def attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, cau
         visible = visible & (positions[None, None, :] <= limit[:, :, None])
     group = num_q_heads // num_kv_heads
     qg = q.to(compute).reshape(batch, num_kv_heads, group, seqlen_q, head_dim)
-    scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.to(compute)) * scale
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
     mask = visible[:, None, None, :, :]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
-    result = torch.einsum("bhgqk,bhkd->bhgqd", probs, v.to(compute))
+    result = torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
     out.copy_(result.reshape(batch, num_q_heads, seqlen_q, head_dim))
 
 

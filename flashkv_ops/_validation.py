@@ -62,6 +62,11 @@ def check_query_kv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
             raise ValueError(f"{name} has head_dim {t.shape[-1]} but q has {q.shape[-1]}")
     if k.shape != v.shape:
         raise ValueError(f"{k_name} has shape {tuple(k.shape)} but {v_name} has {tuple(v.shape)}; they must match")
+    for name, t in ((k_name, k), (v_name, v)):
+        # kernels address one KV head's [S, D] slab with 32-bit offsets
+        if t.shape[2] * t.stride(2) >= 2**31:
+            raise ValueError(f"{name} spans {t.shape[2] * t.stride(2)} elements along its sequence dimension; "
+                             "at most 2**31 - 1 are supported")
     num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(

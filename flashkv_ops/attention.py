@@ -93,6 +93,8 @@ def attention_with_key_ranges(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor
     if check.value_checks_enabled(q):
         check.check_key_range_values(key_start, key_end, k.shape[2])
     q, k, v = (_contiguous_last_dim(t) for t in (q, k, v))
+    # kernels index lengths with stride 1 (an expanded view would be read past its storage)
+    key_start, key_end = key_start.contiguous(), key_end.contiguous()
     return torch.ops.flashkv.attention_with_key_ranges(q, k, v, key_start, key_end, causal=causal, scale=scale)
 
 
@@ -166,5 +168,9 @@ def attention_with_kv_cache(
     q = _contiguous_last_dim(q)
     if k is not None:
         k, v = _contiguous_last_dim(k), _contiguous_last_dim(v)
+    # kernels index lengths and table rows with stride 1 (no-ops for the usual contiguous tensors)
+    cache_seqlens = cache_seqlens.contiguous()
+    if block_table is not None:
+        block_table = block_table.contiguous()
     return torch.ops.flashkv.attention_with_kv_cache(
         q, k_cache, v_cache, cache_seqlens, k, v, causal=causal, scale=scale, block_table=block_table)

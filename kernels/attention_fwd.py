@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, interpreting, next_power_of_2, online_softmax_blocks
+from .common import dot_precision, interpreting, kv_geometry, kv_head_base, next_power_of_2, online_softmax_blocks
 
 LOG2_E = 1.4426950408889634
 
@@ -75,14 +75,9 @@ def _attention_fwd_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    if PAGED:
-        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b
-        k_head = kv_h.to(tl.int64) * stride_k_h
-        v_head = kv_h.to(tl.int64) * stride_v_h
-    else:
-        bt_row = BlockTable
-        k_head = b.to(tl.int64) * stride_k_b + kv_h * stride_k_h
-        v_head = b.to(tl.int64) * stride_v_b + kv_h * stride_v_h
+    bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+    k_base = kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED)
+    v_base = kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED)
 
     # -- block ranges: [lo, hi) holds every key some row of this tile may see;
     # [full_lo, full_hi) the aligned blocks that every row sees entirely
@@ -103,19 +98,19 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # phase 1: the block straddling key_start
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         lo, tl.minimum(full_lo, hi), qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
     # phase 2: interior blocks, no masking
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         full_lo, full_hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION)
     # phase 3: the causal diagonal and the key_end tail
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         tl.maximum(full_hi, full_lo), hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
@@ -198,15 +193,7 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
     paged = block_table is not None
-    if paged:
-        num_pages, _, page_size, _ = k.shape
-        max_pages_per_seq = block_table.shape[1]
-        key_capacity = max_pages_per_seq * page_size
-        stride_bt_b = block_table.stride(0)
-    else:
-        num_pages, page_size, max_pages_per_seq = 1, 1, 1
-        key_capacity = k.shape[2]
-        stride_bt_b = 0
+    num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
     dummy = key_end if key_end is not None else q  # never read when the flag is off
 
     def launch(cfg):

@@ -7,7 +7,7 @@ masked against the cache capacity and, for paged caches, the pool bounds.
 import triton
 import triton.language as tl
 
-from .common import interpreting, kv_token_offsets, next_power_of_2
+from .common import interpreting, kv_geometry, kv_head_base, kv_token_offsets, next_power_of_2
 
 
 @triton.jit
@@ -48,25 +48,20 @@ def _append_kv_kernel(
     positions = tl.load(CacheSeqlens + b) + offs_s
     want = (offs_s < seqlen_new) & (positions >= 0) & (positions < key_capacity)
 
-    if PAGED:
-        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b
-        kc_head = kv_h.to(tl.int64) * stride_kc_h
-        vc_head = kv_h.to(tl.int64) * stride_vc_h
-    else:
-        bt_row = BlockTable
-        kc_head = b.to(tl.int64) * stride_kc_b + kv_h * stride_kc_h
-        vc_head = b.to(tl.int64) * stride_vc_b + kv_h * stride_vc_h
-    kc_rows, k_ok = kv_token_offsets(bt_row, positions, want, kc_head, stride_kc_b, stride_kc_s,
+    bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+    kc_base = kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED)
+    vc_base = kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED)
+    kc_rows, k_ok = kv_token_offsets(bt_row, positions, want, stride_kc_b, stride_kc_s,
                                      page_size, num_pages, max_pages_per_seq, PAGED)
-    vc_rows, v_ok = kv_token_offsets(bt_row, positions, want, vc_head, stride_vc_b, stride_vc_s,
+    vc_rows, v_ok = kv_token_offsets(bt_row, positions, want, stride_vc_b, stride_vc_s,
                                      page_size, num_pages, max_pages_per_seq, PAGED)
 
     kn_ptrs = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h + offs_s[:, None] * stride_kn_s + offs_d[None, :]
     vn_ptrs = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h + offs_s[:, None] * stride_vn_s + offs_d[None, :]
     k_mask = k_ok[:, None] & d_ok[None, :]
     v_mask = v_ok[:, None] & d_ok[None, :]
-    tl.store(KCache + kc_rows[:, None] + offs_d[None, :], tl.load(kn_ptrs, mask=k_mask), mask=k_mask)
-    tl.store(VCache + vc_rows[:, None] + offs_d[None, :], tl.load(vn_ptrs, mask=v_mask), mask=v_mask)
+    tl.store(kc_base + kc_rows[:, None] + offs_d[None, :], tl.load(kn_ptrs, mask=k_mask), mask=k_mask)
+    tl.store(vc_base + vc_rows[:, None] + offs_d[None, :], tl.load(vn_ptrs, mask=v_mask), mask=v_mask)
 
 
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
@@ -78,15 +73,7 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     """
     batch, num_kv_heads, seqlen_new, head_dim = k_new.shape
     paged = block_table is not None
-    if paged:
-        num_pages, _, page_size, _ = k_cache.shape
-        max_pages_per_seq = block_table.shape[1]
-        key_capacity = max_pages_per_seq * page_size
-        stride_bt_b = block_table.stride(0)
-    else:
-        num_pages, page_size, max_pages_per_seq = 1, 1, 1
-        key_capacity = k_cache.shape[2]
-        stride_bt_b = 0
+    num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k_cache, block_table)
     block_s = min(16 if interpreting() else 64, max(1, next_power_of_2(seqlen_new)))
     grid = (triton.cdiv(seqlen_new, block_s), batch * num_kv_heads)
     _append_kv_kernel[grid](

@@ -13,7 +13,6 @@ def kv_token_offsets(
     block_table_row_ptr,  # int32 pointer to block_table[b, :] (unused when not PAGED)
     positions,  # [BLOCK] logical positions within the sequence
     valid,  # [BLOCK] bool: positions the caller wants to touch
-    kv_head_offset,  # offset of (batch, kv head) in elements (contiguous) or of the kv head only (paged)
     stride_page,  # paged: stride between pages; contiguous: unused
     stride_seq,  # stride between tokens (contiguous) or slots within a page (paged)
     page_size,
@@ -21,10 +20,12 @@ def kv_token_offsets(
     max_pages_per_seq,
     PAGED: tl.constexpr,
 ):
-    """Element offsets of each token's row start and the mask of rows that are safe to touch.
+    """Element offsets of each token's row from the (batch, kv head) base pointer (`kv_head_base`),
+    and the mask of rows that are safe to touch.
 
     A row is safe when the caller wants it and, for paged caches, its page index read from the
     block table lies inside the pool: a corrupt table can never address memory outside it.
+    Contiguous offsets stay in int32 (one head's [S, D] slab), paged ones need int64.
     """
     if PAGED:
         page_slot = positions // page_size
@@ -32,11 +33,19 @@ def kv_token_offsets(
         page = tl.load(block_table_row_ptr + page_slot, mask=in_table, other=-1)
         safe = in_table & (page >= 0) & (page < num_pages)
         page = tl.where(safe, page, 0)
-        offsets = page.to(tl.int64) * stride_page + kv_head_offset + (positions % page_size).to(tl.int64) * stride_seq
+        offsets = page.to(tl.int64) * stride_page + ((positions % page_size) * stride_seq).to(tl.int64)
     else:
         safe = valid
-        offsets = kv_head_offset + positions.to(tl.int64) * stride_seq
+        offsets = positions * stride_seq
     return offsets, safe
+
+
+@triton.jit
+def kv_head_base(ptr, b, kv_h, stride_b, stride_h, PAGED: tl.constexpr):
+    """Pointer to the start of KV head `kv_h` of sequence `b` (contiguous) or of every page (paged)."""
+    if PAGED:
+        return ptr + kv_h.to(tl.int64) * stride_h
+    return ptr + b.to(tl.int64) * stride_b + kv_h.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -45,11 +54,9 @@ def online_softmax_blocks(
     l_i,  # [BLOCK_M] fp32 running denominator
     m_i,  # [BLOCK_M] fp32 running max, log2 domain
     q,  # [BLOCK_M, BLOCK_D] query tile
-    K,
+    K,  # base pointers from kv_head_base
     V,
     block_table_row_ptr,
-    k_head_offset,
-    v_head_offset,
     stride_k_page,
     stride_k_seq,
     stride_v_page,
@@ -82,9 +89,9 @@ def online_softmax_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         want = (offs_n >= key_start) & (offs_n < key_end)
-        k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, k_head_offset, stride_k_page,
+        k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_k_page,
                                         stride_k_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, v_head_offset, stride_v_page,
+        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_v_page,
                                         stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
         # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute; v: [BLOCK_N, BLOCK_D]
         k_ptrs = K + k_rows[None, :] + offs_d[:, None]
@@ -150,3 +157,15 @@ def interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kv_geometry(k_cache, block_table) -> tuple:
+    """(num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b) of a cache.
+
+    Contiguous caches [B, H_kv, S_max, D] report capacity S_max and a dummy page geometry.
+    """
+    if block_table is None:
+        return 1, 1, 1, k_cache.shape[2], 0
+    num_pages, _, page_size, _ = k_cache.shape
+    max_pages_per_seq = block_table.shape[1]
+    return num_pages, page_size, max_pages_per_seq, max_pages_per_seq * page_size, block_table.stride(0)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E, device_capability
-from .common import dot_precision, interpreting, next_power_of_2, online_softmax_blocks
+from .common import dot_precision, interpreting, kv_geometry, kv_head_base, next_power_of_2, online_softmax_blocks
 
 
 @triton.jit
@@ -87,14 +87,9 @@ def _decode_split_kernel(
     lo = key_start + split * chunk
     hi = tl.minimum(lo + chunk, key_end)
 
-    if PAGED:
-        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b
-        k_head = kv_h.to(tl.int64) * stride_k_h
-        v_head = kv_h.to(tl.int64) * stride_v_h
-    else:
-        bt_row = BlockTable
-        k_head = b.to(tl.int64) * stride_k_b + kv_h * stride_k_h
-        v_head = b.to(tl.int64) * stride_v_b + kv_h * stride_v_h
+    bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+    k_base = kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED)
+    v_base = kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -106,12 +101,12 @@ def _decode_split_kernel(
         full_hi = tl.minimum(full_hi, diag + 1)
     full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
         lo, full_hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION)
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, K, V, bt_row, k_head, v_head, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
         tl.maximum(full_hi, lo), hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
@@ -200,15 +195,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
     paged = block_table is not None
-    if paged:
-        num_pages, _, page_size, _ = k.shape
-        max_pages_per_seq = block_table.shape[1]
-        key_capacity = max_pages_per_seq * page_size
-        stride_bt_b = block_table.stride(0)
-    else:
-        num_pages, page_size, max_pages_per_seq = 1, 1, 1
-        key_capacity = k.shape[2]
-        stride_bt_b = 0
+    num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,

@@ -16,6 +16,8 @@ paths (FlashAttention branches, SDPA checks, hub kernels).
 
 from __future__ import annotations
 
+import importlib
+
 import transformers
 from packaging.version import Version
 
@@ -82,14 +84,15 @@ _patched_defaults: dict[type, object] = {}
 
 
 def _family_base(model_type: str) -> type:
-    import importlib
-
     module_name, class_name = _FAMILIES[model_type]
     return getattr(importlib.import_module(module_name), class_name)
 
 
 def _default_to_triton_kv(base: type) -> None:
     """Make ``"triton_kv"`` what ``base`` models get when no attn_implementation is requested."""
+    # get_correct_attn_implementation is where transformers (5.17 and 5.23 alike) turns "nothing
+    # requested" into "sdpa", for __init__, from_config and from_pretrained; explicit requests
+    # pass through it unchanged.
     if base in _patched_defaults:
         return
     _patched_defaults[base] = base.__dict__.get("get_correct_attn_implementation")

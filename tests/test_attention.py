@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashkv_ops as fkv
-from reference import (assert_close_to_ref, attention_ref, lowp_attention_torch, max_err,
-                       randn)
+from reference import (assert_close_to_ref, attention_ref, bit_equal, kv_cache_ref,
+                       lowp_attention_torch, max_err, randn)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GQA_RATIOS = [1, 2, 4, 7, 8]
@@ -114,6 +114,46 @@ def test_attention_big_head_dims_causal_fp16(head_dim):
     v = randn((1, 1, 13, head_dim), torch.float16, generator=g)
     out = fkv.attention(q, k, v, causal=True)
     _check(out, q, k, v, causal=True, what=f"D={head_dim}")
+
+
+def fused_qkv(batch, seqlen, num_q_heads, num_kv_heads, head_dim, dtype, generator):
+    """q, k, v as strided views of one fused projection output ``[B, S, (H_q + 2 H_kv) * D]``
+    (Phi-3 style): every stride differs from a contiguous tensor's, the last dim is contiguous."""
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    fused = torch.randn(batch, seqlen, width, generator=generator).to(dtype)
+    q_end, k_end = num_q_heads * head_dim, (num_q_heads + num_kv_heads) * head_dim
+
+    def heads(t, n):  # [B, S, n*D] -> [B, n, S, D] view
+        return t.view(batch, seqlen, n, head_dim).transpose(1, 2)
+
+    return (heads(fused[..., :q_end], num_q_heads), heads(fused[..., q_end:k_end], num_kv_heads),
+            heads(fused[..., k_end:], num_kv_heads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_fused_qkv_strides(dtype):
+    g = torch.Generator().manual_seed(8)
+    q, k, v = fused_qkv(2, 11, 6, 2, 16, dtype, g)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out = fkv.attention(q, k, v, causal=True)
+    _check(out, q, k, v, causal=True, what="fused qkv")
+    # and strided along the batch/head dims too (every other head of a larger tensor)
+    big = randn((2, 12, 5, 16), dtype, generator=g)
+    kv = randn((2, 4, 7, 16), dtype, generator=g)
+    out = fkv.attention(big[:, ::2], kv[:, ::2], kv[:, 1::2])
+    _check(out, big[:, ::2], kv[:, ::2], kv[:, 1::2], what="head-strided")
+
+
+def test_kv_cache_fused_qkv_strides():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = fused_qkv(2, 3, 8, 2, 32, torch.float32, g)
+    k_cache = randn((2, 2, 20, 32), torch.float32, generator=g)
+    v_cache = randn((2, 2, 20, 32), torch.float32, generator=g)
+    lens = torch.tensor([0, 13], dtype=torch.int32)
+    want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k, v)
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v)
+    assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
+    assert max_err(out, want) < 1e-4
 
 
 # -- attention: edge cases ---------------------------------------------------------------------

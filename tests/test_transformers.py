@@ -11,7 +11,6 @@ tiny. GPU-marked tests use real model shapes.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -46,8 +45,8 @@ def _fast_cpu_ops(request, monkeypatch):
 
 @pytest.fixture
 def triton_interpreter():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    if not flashkv_ops.ops._INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before flashkv_ops was imported")
 
 
 @pytest.fixture(autouse=True)
@@ -200,6 +199,7 @@ def test_left_padding_becomes_key_ranges_not_dense_masks():
     for m in seen:
         assert m.key_start.dtype == m.key_end.dtype == torch.int32
         assert m.key_start.shape == m.key_end.shape == (2,)
+        assert m.key_start.is_contiguous() and m.key_end.stride() == (1,)  # no expanded views
         assert m.fallback_reason is None and m._dense is None
     assert prefill.key_start.tolist() == [0, LONG - SHORT]
     assert prefill.key_end.tolist() == [LONG, LONG]
@@ -537,7 +537,7 @@ def _gpu_model(config, dtype, seed=0):
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    return model.eval()
+    return model.to("cuda").eval()
 
 
 def _gpu_padded_batch(lengths, vocab, seed=0):
