@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, interpreting, kv_geometry, kv_head_base, next_power_of_2, online_softmax_blocks
+from .common import (dot_precision, interpreting, kv_descriptors, kv_geometry, kv_head_base, next_power_of_2,
+                     online_softmax_blocks)
 
 LOG2_E = 1.4426950408889634
 
@@ -21,6 +22,8 @@ def _attention_fwd_kernel(
     Q,
     K,
     V,
+    KDesc,  # TMA descriptors of K and V when TMA (else unused)
+    VDesc,
     Out,
     KeyStart,
     KeyEnd,
@@ -51,6 +54,7 @@ def _attention_fwd_kernel(
     HAS_KEY_END: tl.constexpr,
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     # heavy (late) query blocks first so the causal tail does not straggle
@@ -98,22 +102,22 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # phase 1: the block straddling key_start
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         lo, tl.minimum(full_lo, hi), qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
     # phase 2: interior blocks, no masking
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         full_lo, full_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA)
     # phase 3: the causal diagonal and the key_end tail
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         tl.maximum(full_hi, full_lo), hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
 
     # rows that saw no key: l = 0, acc = 0 -> output 0
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -137,7 +141,7 @@ def _candidates(head_dim: int, dtype: torch.dtype, capability: tuple, interpret:
     if dtype == torch.float32:
         return [cfg(64, 32, 4, 2), cfg(32, 32, 4, 2)] if block_d <= 128 else [cfg(32, 32, 4, 1)]
     if block_d <= 64:
-        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 4, 4)]
+        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(64, 128, 4, 3)]
     if block_d <= 128:
         return [cfg(128, 64, 8, 3), cfg(128, 128, 8, 3), cfg(128, 128, 8, 2), cfg(128, 64, 4, 3), cfg(64, 64, 4, 3)]
     return [cfg(64, 32, 4, 2), cfg(64, 64, 8, 2), cfg(128, 64, 8, 2), cfg(64, 32, 8, 3)]
@@ -198,8 +202,9 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
 
     def launch(cfg):
         grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_q_heads)
+        descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"])
         _attention_fwd_kernel[grid](
-            q, k, v, out,
+            q, k, v, *(descriptors or (k, v)), out,
             key_start if key_start is not None else dummy,
             dummy,
             block_table if paged else dummy,
@@ -216,6 +221,7 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
             HAS_KEY_END=key_end is not None,
             PAGED=paged,
             DOT_PRECISION=dot_precision(q.dtype),
+            TMA=descriptors is not None,
             **cfg,
         )
 

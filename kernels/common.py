@@ -56,6 +56,10 @@ def online_softmax_blocks(
     q,  # [BLOCK_M, BLOCK_D] query tile
     K,  # base pointers from kv_head_base
     V,
+    k_desc,  # TMA: tensor descriptors of the whole [B, H_kv, S, D] K and V (else unused)
+    v_desc,
+    desc_b,  # TMA: batch and KV head this program reads
+    desc_h,
     block_table_row_ptr,
     stride_k_page,
     stride_k_seq,
@@ -78,6 +82,7 @@ def online_softmax_blocks(
     MASKED: tl.constexpr,
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -89,22 +94,30 @@ def online_softmax_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         want = (offs_n >= key_start) & (offs_n < key_end)
-        k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_k_page,
-                                        stride_k_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_v_page,
-                                        stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-        # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute; v: [BLOCK_N, BLOCK_D]
-        k_ptrs = K + k_rows[None, :] + offs_d[:, None]
-        v_ptrs = V + v_rows[:, None] + offs_d[None, :]
-        if MASKED or PAGED:
-            k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        elif BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if TMA:
+            # Hopper bulk copies; rows past S come back as zeros
+            k = k_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T
+            v = v_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            if MASKED:
+                # slots outside the key range may hold anything (NaN too): 0 * NaN would leak
+                v = tl.where(want[:, None], v, 0.0)
         else:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_k_page,
+                                            stride_k_seq, page_size, num_pages, max_pages_per_seq, PAGED)
+            v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_v_page,
+                                            stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
+            # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute; v: [BLOCK_N, BLOCK_D]
+            k_ptrs = K + k_rows[None, :] + offs_d[:, None]
+            v_ptrs = V + v_rows[:, None] + offs_d[None, :]
+            if MASKED or PAGED:
+                k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+            elif BLOCK_D == HEAD_DIM:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if DOT_PRECISION == "interpret-bf16":
             # the Triton interpreter multiplies bfloat16 dot operands as raw bits
             qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
@@ -169,3 +182,28 @@ def kv_geometry(k_cache, block_table) -> tuple:
     num_pages, _, page_size, _ = k_cache.shape
     max_pages_per_seq = block_table.shape[1]
     return num_pages, page_size, max_pages_per_seq, max_pages_per_seq * page_size, block_table.stride(0)
+
+
+def kv_descriptors(k, v, block_table, block_n: int, block_d: int):
+    """Host TMA descriptors for K and V ([B, H_kv, S, D], any 16-byte-aligned strides), or None.
+
+    Only on Hopper or newer CUDA devices, for contiguous (not paged) caches whose head_dim is a
+    power of two: elsewhere the kernels fall back to pointer loads.
+    """
+    import torch
+
+    if block_table is not None or not k.is_cuda or interpreting() or block_d != k.shape[-1]:
+        return None
+    if k.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # triton < 3.4
+        return None
+    size = k.element_size()
+    for t in (k, v):
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]) or t.stride(3) != 1:
+            return None
+    block = [1, 1, block_n, block_d]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), block),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), block))

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E, device_capability
-from .common import dot_precision, interpreting, kv_geometry, kv_head_base, next_power_of_2, online_softmax_blocks
+from .common import (dot_precision, interpreting, kv_descriptors, kv_geometry, kv_head_base, next_power_of_2,
+                     online_softmax_blocks)
 
 
 @triton.jit
@@ -26,6 +27,8 @@ def _decode_split_kernel(
     Q,
     K,
     V,
+    KDesc,  # TMA descriptors of K and V when TMA (else unused)
+    VDesc,
     PartialOut,  # [B, H_q, S_q, num_splits, HEAD_DIM] fp32, normalised per split
     PartialLse,  # [B, H_q, S_q, num_splits] fp32, log2 domain, -inf where the split saw nothing
     KeyStart,
@@ -57,6 +60,7 @@ def _decode_split_kernel(
     HAS_KEY_END: tl.constexpr,
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -101,15 +105,15 @@ def _decode_split_kernel(
         full_hi = tl.minimum(full_hi, diag + 1)
     full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
         lo, full_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA)
     acc, l_i, m_i = online_softmax_blocks(
-        acc, l_i, m_i, q, k_base, v_base, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
         tl.maximum(full_hi, lo), hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -185,6 +189,10 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
                 num_warps=4, num_stages=stages)
 
 
+# Stage 1 reads K/V through TMA descriptors where kv_descriptors allows (Hopper, contiguous cache)
+DECODE_TMA = True
+
+
 def decode_packed_rows(num_q_heads: int, num_kv_heads: int, seqlen_q: int) -> int:
     """Rows of the packed (query heads of a group x query tokens) tile."""
     return (num_q_heads // num_kv_heads) * seqlen_q
@@ -206,8 +214,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
                               device=q.device)
     partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
     dummy = key_end if key_end is not None else q  # never read when its flag is off
+    descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
-        q, k, v, partial_out, partial_lse,
+        q, k, v, *(descriptors or (k, v)), partial_out, partial_lse,
         key_start if key_start is not None else dummy,
         dummy,
         block_table if paged else dummy,
@@ -223,6 +232,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         HAS_KEY_END=key_end is not None,
         PAGED=paged,
         DOT_PRECISION=dot_precision(q.dtype),
+        TMA=descriptors is not None,
         **cfg,
     )
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](

@@ -71,7 +71,8 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_start=None, key_end=
         for r0 in range(0, num_queries, query_chunk):
             r1 = min(num_queries, r0 + query_chunk)
             qb = q[b, :, r0:r1].to(torch.float64)  # [H_q, rows, D]
-            scores = torch.einsum("hqd,hkd->hqk", qb, kb) * scale
+            # matmul, not einsum: CUDA einsum mis-shapes a single-key float64 product
+            scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
             m = mask[r0:r1].unsqueeze(0)  # [1, rows, S_k]
             scores = scores.masked_fill(~m, float("-inf"))
             row_max = scores.amax(dim=-1, keepdim=True)
@@ -80,7 +81,7 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_start=None, key_end=
             p = torch.exp(scores - row_max).masked_fill(~m, 0.0)
             denom = p.sum(dim=-1, keepdim=True)
             p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-            out[b, :, r0:r1] = torch.einsum("hqk,hkd->hqd", p, vb)
+            out[b, :, r0:r1] = torch.matmul(p, vb)
     return out
 
 

@@ -25,7 +25,7 @@ SMALL_HEAD_DIMS = [8, 16, 40, 64]
 BIG_HEAD_DIMS = [80, 96, 128, 256]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-PROPERTY = settings(deadline=None, max_examples=20, print_blob=True,
+PROPERTY = settings(deadline=None, max_examples=25, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -301,19 +301,26 @@ def test_acceptance_fp16_vs_sdpa(batch, heads, seq, causal):
     q = randn((batch, heads, seq, 64), torch.float16, device, generator=g)
     k = randn((batch, heads, seq, 64), torch.float16, device, generator=g)
     v = randn((batch, heads, seq, 64), torch.float16, device, generator=g)
-    out = fkv.attention(q, k, v, causal=causal)
     # SDPA on the same fp16 values, computed in float32 (CPU fp16 SDPA is slow/unsupported).
     want32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-    assert max_err(out, want32) < 1e-3
-    if device == "cuda":
-        want16 = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    want16 = F.scaled_dot_product_attention(q, k, v, is_causal=causal) if device == "cuda" else None
+
+    def check(out):
+        if want16 is None:
+            assert max_err(out, want32) < 1e-3
+            return
+        # the acceptance check as stated: vs SDPA in fp16 ...
         assert max_err(out, want16) < 1e-3
+        # ... and vs float32 no worse than 2x fp16 SDPA's own error (outputs of magnitude 1-4
+        # carry a rounding of ~1e-3 in fp16 whatever computes them)
+        assert max_err(out, want32) <= 2 * max_err(want16, want32) + 1e-4
+
+    check(fkv.attention(q, k, v, causal=causal))
     # The same through the cache op (prefill into an empty cache).
     k_cache = torch.zeros(batch, heads, seq + 4, 64, dtype=torch.float16, device=device)
     v_cache = torch.zeros_like(k_cache)
     lens = torch.zeros(batch, dtype=torch.int32, device=device)
-    out2 = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v, causal=causal)
-    assert max_err(out2, want32) < 1e-3
+    check(fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v, causal=causal))
 
 
 # -- the pure-PyTorch CPU fallback ------------------------------------------------------------

@@ -10,7 +10,12 @@ import torch
 import flashkv_ops as fkv
 from reference import bit_equal, kv_cache_ref, max_err, randn
 
-DEVICE = "cpu"
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+
+
+def _to(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 def _small(g, dtype=torch.float32):
@@ -34,21 +39,23 @@ def test_ops_are_registered_with_contract_argument_names():
     assert mutated == {"k_cache", "v_cache"}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_opcheck_attention(dtype):
+def test_opcheck_attention(dtype, device):
     g = torch.Generator().manual_seed(0)
-    q = randn((1, 4, 5, 16), dtype, generator=g, bshd=True)
-    k = randn((1, 2, 7, 16), dtype, generator=g)
-    v = randn((1, 2, 7, 16), dtype, generator=g)
+    q = randn((1, 4, 5, 16), dtype, device, generator=g, bshd=True)
+    k = randn((1, 2, 7, 16), dtype, device, generator=g)
+    v = randn((1, 2, 7, 16), dtype, device, generator=g)
     torch.library.opcheck(torch.ops.flashkv.attention.default, (q, k, v),
                           {"causal": True, "scale": None})
     torch.library.opcheck(torch.ops.flashkv.attention.default, (q, k, v),
                           {"causal": False, "scale": 0.5})
 
 
-def test_opcheck_attention_with_kv_cache():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_attention_with_kv_cache(device):
     g = torch.Generator().manual_seed(1)
-    a = _small(g)
+    a = {n: t.to(device) for n, t in _small(g).items()}
     args = (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k"], a["v"])
     torch.library.opcheck(torch.ops.flashkv.attention_with_kv_cache.default, args,
                           {"causal": True, "scale": None, "block_table": None})
@@ -58,7 +65,8 @@ def test_opcheck_attention_with_kv_cache():
                           {"causal": False, "scale": None, "block_table": None})
 
 
-def test_opcheck_attention_with_kv_cache_paged():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_attention_with_kv_cache_paged(device):
     g = torch.Generator().manual_seed(2)
     k_pages = randn((6, 2, 4, 16), torch.float32, generator=g)
     v_pages = randn((6, 2, 4, 16), torch.float32, generator=g)
@@ -67,18 +75,21 @@ def test_opcheck_attention_with_kv_cache_paged():
     q = randn((2, 4, 2, 16), torch.float32, generator=g)
     k = randn((2, 2, 2, 16), torch.float32, generator=g)
     v = randn((2, 2, 2, 16), torch.float32, generator=g)
+    k_pages, v_pages, table, lens, q, k, v = _to(device, k_pages, v_pages, table, lens, q, k, v)
     torch.library.opcheck(torch.ops.flashkv.attention_with_kv_cache.default,
                           (q, k_pages, v_pages, lens, k, v),
                           {"causal": True, "scale": None, "block_table": table})
 
 
-def test_opcheck_attention_with_key_ranges():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_attention_with_key_ranges(device):
     g = torch.Generator().manual_seed(3)
     q = randn((2, 4, 3, 16), torch.float32, generator=g)
     k = randn((2, 2, 9, 16), torch.float32, generator=g)
     v = randn((2, 2, 9, 16), torch.float32, generator=g)
     ks = torch.tensor([0, 4], dtype=torch.int32)
     ke = torch.tensor([9, 7], dtype=torch.int32)
+    q, k, v, ks, ke = _to(device, q, k, v, ks, ke)
     torch.library.opcheck(torch.ops.flashkv.attention_with_key_ranges.default, (q, k, v, ks, ke),
                           {"causal": True, "scale": None})
 
@@ -94,7 +105,8 @@ def _everything(q, k_cache, v_cache, cache_seqlens, k, v, q2, k2, v2, key_start,
     return a * 2, b + 1, c, d
 
 
-def test_compile_fullgraph_matches_eager_and_mutates_cache():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager_and_mutates_cache(device):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(4)
     a = _small(g)
@@ -106,8 +118,10 @@ def test_compile_fullgraph_matches_eager_and_mutates_cache():
     k_pages = randn((8, 2, 4, 16), torch.float32, generator=g)
     v_pages = randn((8, 2, 4, 16), torch.float32, generator=g)
     table = torch.tensor([[7, 2, -1, -1], [0, 3, 5, 1]], dtype=torch.int32)
-    args = [a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k"], a["v"],
-            q2, k2, v2, ks, ke, k_pages, v_pages, table]
+    args = _to(device, a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k"], a["v"],
+               q2, k2, v2, ks, ke, k_pages, v_pages, table)
+    a = dict(zip(["q", "k_cache", "v_cache", "cache_seqlens", "k", "v"], args[:6]))
+    k_pages, v_pages = args[11], args[12]
 
     eager_args = [t.clone() for t in args]
     want = _everything(*eager_args)
@@ -124,7 +138,7 @@ def test_compile_fullgraph_matches_eager_and_mutates_cache():
     assert torch.equal(a["cache_seqlens"], eager_args[3])
 
     # a second call with grown lengths (updated in place) reuses the graph and stays correct
-    a["cache_seqlens"].add_(3)
+    a["cache_seqlens"].add_(3)  # in place: args[3] is the same tensor
     eager_args = [t.clone() for t in args]
     want = _everything(*eager_args)
     got = compiled(*args)

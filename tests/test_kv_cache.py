@@ -14,7 +14,7 @@ from reference import (assert_close_to_ref, attention_ref, bit_equal, kv_cache_r
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GQA_RATIOS = [1, 2, 4, 7, 8]
-PROPERTY = settings(deadline=None, max_examples=20, print_blob=True,
+PROPERTY = settings(deadline=None, max_examples=25, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -16,7 +16,7 @@ from reference import (assert_close_to_ref, bit_equal, gather_pages, kv_cache_re
                        lowp_attention_torch, max_err, randn)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PROPERTY = settings(deadline=None, max_examples=20, print_blob=True,
+PROPERTY = settings(deadline=None, max_examples=15, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
