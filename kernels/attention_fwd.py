@@ -6,12 +6,22 @@ pay for masking.
 """
 
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import (dot_precision, interpreting, kv_descriptors, kv_geometry, kv_head_base, next_power_of_2,
-                     online_softmax_blocks)
+from .common import (
+    device_capability,
+    dot_precision,
+    interpreting,
+    kv_descriptors,
+    kv_geometry,
+    kv_head_base,
+    next_power_of_2,
+    online_softmax_blocks,
+)
 
 LOG2_E = 1.4426950408889634
 
@@ -125,6 +135,7 @@ def _attention_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@functools.lru_cache(maxsize=None)
 def _candidates(head_dim: int, dtype: torch.dtype, capability: tuple, interpret: bool) -> list:
     """Launch configs worth timing for this head_dim/dtype/device; the first is the untuned default.
 
@@ -181,10 +192,6 @@ def _choose_config(candidates: list, key: tuple, q, launch) -> dict:
             best, best_ms = cfg, ms
     _TUNED[key] = best
     return best
-
-
-def device_capability(device: torch.device) -> tuple:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):

@@ -4,8 +4,15 @@ Every kernel that reads or writes K/V goes through `kv_token_offsets`, so the pa
 (`block_table[b, p // page_size]`, slot `p % page_size`) and its bounds masking are written once.
 """
 
+import functools
+
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: pointer loads only
+    TensorDescriptor = None
 
 
 @triton.jit
@@ -150,6 +157,18 @@ def online_softmax_blocks(
     return acc, l_i, m_i
 
 
+def device_capability(device) -> tuple:
+    """(major, minor) of a CUDA device, (0, 0) elsewhere; cached (launchers ask on every call)."""
+    return _cuda_capability(device.index or 0) if device.type == "cuda" else (0, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -194,11 +213,9 @@ def kv_descriptors(k, v, block_table, block_n: int, block_d: int):
 
     if block_table is not None or not k.is_cuda or interpreting() or block_d != k.shape[-1]:
         return None
-    if k.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(k.device)[0] < 9:
+    if TensorDescriptor is None or k.dtype not in (torch.float16, torch.bfloat16):
         return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # triton < 3.4
+    if device_capability(k.device)[0] < 9:
         return None
     size = k.element_size()
     for t in (k, v):

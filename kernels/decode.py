@@ -16,9 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2_E, device_capability
-from .common import (dot_precision, interpreting, kv_descriptors, kv_geometry, kv_head_base, next_power_of_2,
-                     online_softmax_blocks)
+from .attention_fwd import LOG2_E
+from .common import (
+    device_capability,
+    dot_precision,
+    interpreting,
+    kv_descriptors,
+    kv_geometry,
+    kv_head_base,
+    next_power_of_2,
+    online_softmax_blocks,
+)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ def visibility_mask(num_queries, num_keys, key_start, key_end, causal, device=No
     """Boolean mask ``[S_q, S_k]``: True where query row i may attend key column j."""
     rows = torch.arange(num_queries, device=device).unsqueeze(1)  # [S_q, 1]
     cols = torch.arange(num_keys, device=device).unsqueeze(0)  # [1, S_k]
-    mask = (cols >= key_start) & (cols < key_end)
+    mask = ((cols >= key_start) & (cols < key_end)).expand(num_queries, num_keys)
     if causal:
         mask = mask & (cols <= rows + (key_end - num_queries))
     return mask
@@ -64,6 +64,8 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_start=None, key_end=
     kv_head_of = torch.arange(num_q_heads, device=q.device) // group
     out = torch.zeros(batch, num_q_heads, num_queries, head_dim, dtype=torch.float64,
                       device=q.device)
+    if num_keys == 0:
+        return out  # no key anywhere: every row is zero
     for b in range(batch):
         kb = k[b].to(torch.float64)[kv_head_of]  # [H_q, S_k, D]
         vb = v[b].to(torch.float64)[kv_head_of]  # [H_q, S_k, D]
@@ -71,7 +73,6 @@ def attention_ref(q, k, v, *, causal=False, scale=None, key_start=None, key_end=
         for r0 in range(0, num_queries, query_chunk):
             r1 = min(num_queries, r0 + query_chunk)
             qb = q[b, :, r0:r1].to(torch.float64)  # [H_q, rows, D]
-            # matmul, not einsum: CUDA einsum mis-shapes a single-key float64 product
             scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
             m = mask[r0:r1].unsqueeze(0)  # [1, rows, S_k]
             scores = scores.masked_fill(~m, float("-inf"))
