@@ -519,18 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.log(f"  setup failed: {common.short_error(exc, 300)}")
         common.free_cuda_memory()
 
-    common.log("\n" + common.env_summary(sink.new_rows))
-    common.log(decode_table(sink.new_rows))
-    common.log(f"rows: {sink.path}")
-    if not args.no_plot:
-        try:
-            from benchmarks import plot
-
-            path = plot.plot_decode(sink.rows, args.out / "decode.png")
-            common.log(f"plot: {path}")
-        except Exception as exc:  # noqa: BLE001 - the rows are saved; a plot failure is minor
-            common.log(f"plot failed: {common.short_error(exc)}")
-    return 0
+    return common.finish(sink, decode_table(sink.new_rows), "plot_decode", args.out / "decode.png", args.no_plot)
 
 
 if __name__ == "__main__":

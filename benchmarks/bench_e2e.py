@@ -516,18 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.log(f"  setup failed: {common.short_error(exc, 300)}")
             reset_compiled_state()
 
-    common.log("\n" + common.env_summary(sink.new_rows))
-    common.log(e2e_table(_latest(sink.new_rows, sink)))
-    common.log(f"rows: {sink.path}")
-    if not args.no_plot:
-        try:
-            from benchmarks import plot
-
-            path = plot.plot_e2e(sink.rows, args.out / "e2e.png")
-            common.log(f"plot: {path}")
-        except Exception as exc:  # noqa: BLE001 - the rows are saved; a plot failure is minor
-            common.log(f"plot failed: {common.short_error(exc)}")
-    return 0
+    return common.finish(sink, e2e_table(_latest(sink.new_rows, sink)), "plot_e2e", args.out / "e2e.png", args.no_plot)
 
 
 def _latest(new_rows: Sequence[dict[str, Any]], sink: common.RowSink) -> list[dict[str, Any]]:

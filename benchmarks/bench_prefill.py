@@ -429,18 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             common.log(f"  setup failed: {common.short_error(exc, 300)}")
         common.free_cuda_memory()
 
-    common.log("\n" + common.env_summary(sink.new_rows))
-    common.log(prefill_table(sink.new_rows))
-    common.log(f"rows: {sink.path}")
-    if not args.no_plot:
-        try:
-            from benchmarks import plot
-
-            path = plot.plot_prefill(sink.rows, args.out / "prefill.png")
-            common.log(f"plot: {path}")
-        except Exception as exc:  # noqa: BLE001 - the rows are saved; a plot failure is minor
-            common.log(f"plot failed: {common.short_error(exc)}")
-    return 0
+    return common.finish(sink, prefill_table(sink.new_rows), "plot_prefill", args.out / "prefill.png", args.no_plot)
 
 
 if __name__ == "__main__":

@@ -576,3 +576,22 @@ def env_summary(rows: Sequence[dict[str, Any]]) -> str:
     if dates:
         parts.append(f"measured {dates[0]}" + (f"..{dates[-1]}" if dates[-1] != dates[0] else ""))
     return "; ".join(parts)
+
+
+def finish(sink: "RowSink", table: str, plot_name: str, out_png: Path, no_plot: bool) -> int:
+    """The common tail of every bench script: environment line, markdown table, rows path, plot.
+
+    ``plot_name`` names the drawing function in ``benchmarks.plot`` (e.g. ``"plot_decode"``).
+    """
+    log("\n" + env_summary(sink.new_rows))
+    log(table)
+    log(f"rows: {sink.path}")
+    if not no_plot:
+        try:
+            from benchmarks import plot
+
+            path = getattr(plot, plot_name)(sink.rows, out_png)
+            log(f"plot: {path}")
+        except Exception as exc:  # noqa: BLE001 - the rows are saved; a plot failure is minor
+            log(f"plot failed: {short_error(exc)}")
+    return 0
