@@ -61,21 +61,21 @@ def attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, cau
 
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     """Write k_new/v_new [B, H_kv, S_q, D] at cache_seqlens[b] + 0..S_q-1, skipping unsafe slots."""
-    batch, _, seqlen_new, _ = k_new.shape
+    seqlen_new = k_new.shape[2]
     positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=k_new.device)  # [B, S_q]
     if block_table is None:
-        capacity = k_cache.shape[2]
-        ok = (positions >= 0) & (positions < capacity)
-        for b, t in ok.nonzero().tolist():
-            k_cache[b, :, positions[b, t]] = k_new[b, :, t]
-            v_cache[b, :, positions[b, t]] = v_new[b, :, t]
+        ok = (positions >= 0) & (positions < k_cache.shape[2])
+        b, t = ok.nonzero(as_tuple=True)
+        pos = positions[b, t]
+        k_cache[b, :, pos] = k_new[b, :, t]  # [N, H_kv, D] rows
+        v_cache[b, :, pos] = v_new[b, :, t]
         return
     num_pages, _, page_size, _ = k_cache.shape
-    max_pages = block_table.shape[1]
-    ok = (positions >= 0) & (positions < max_pages * page_size)
-    for b, t in ok.nonzero().tolist():
-        pos = int(positions[b, t])
-        page = int(block_table[b, pos // page_size])
-        if 0 <= page < num_pages:
-            k_cache[page, :, pos % page_size] = k_new[b, :, t]
-            v_cache[page, :, pos % page_size] = v_new[b, :, t]
+    ok = (positions >= 0) & (positions < block_table.shape[1] * page_size)
+    b, t = ok.nonzero(as_tuple=True)
+    pos = positions[b, t]
+    page = block_table[b, pos // page_size].long()
+    inside = (page >= 0) & (page < num_pages)  # never write outside the pool
+    b, t, pos, page = b[inside], t[inside], pos[inside], page[inside]
+    k_cache[page, :, pos % page_size] = k_new[b, :, t]
+    v_cache[page, :, pos % page_size] = v_new[b, :, t]
