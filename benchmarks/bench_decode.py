@@ -492,14 +492,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="overwrite decode.json instead of merging with stored rows")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = sorted(set(args.providers) - set(PROVIDERS))
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {list(PROVIDERS)}")
-    args.layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    unknown = sorted(set(args.layouts) - {"contiguous", "varlen", "paged"})
-    if unknown:
-        parser.error(f"--layouts: unknown {unknown}")
+    args.providers = common.choice_list(parser, "--providers", args.providers, PROVIDERS)
+    args.layouts = common.choice_list(parser, "--layouts", args.layouts, ("contiguous", "varlen", "paged"))
     return args
 
 

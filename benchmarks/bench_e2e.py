@@ -469,14 +469,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="overwrite e2e.json instead of merging with stored rows")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(args.models) - set(MODEL_SPECS))
-    if unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {list(MODEL_SPECS)}")
-    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = sorted(set(args.providers) - set(PROVIDERS))
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {list(PROVIDERS)}")
+    args.models = common.choice_list(parser, "--models", args.models, MODEL_SPECS)
+    args.providers = common.choice_list(parser, "--providers", args.providers, PROVIDERS)
     try:
         args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:

@@ -374,10 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="overwrite prefill.json instead of merging with stored rows")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = sorted(set(args.providers) - set(PROVIDERS))
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {list(PROVIDERS)}")
+    args.providers = common.choice_list(parser, "--providers", args.providers, PROVIDERS)
     if args.dtypes is not None:
         args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         bad = sorted(set(args.dtypes) - {"bf16", "fp16"})

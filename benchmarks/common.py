@@ -595,3 +595,13 @@ def finish(sink: "RowSink", table: str, plot_name: str, out_png: Path, no_plot: 
         except Exception as exc:  # noqa: BLE001 - the rows are saved; a plot failure is minor
             log(f"plot failed: {short_error(exc)}")
     return 0
+
+
+def choice_list(parser, flag: str, text: str, allowed: Iterable[str]) -> list[str]:
+    """Split a comma-separated command-line value and reject names outside ``allowed``."""
+    allowed = list(allowed)
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = sorted(set(items) - set(allowed))
+    if unknown:
+        parser.error(f"{flag}: unknown {unknown}; choose from {allowed}")
+    return items

@@ -76,10 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated subset of " + ",".join(SECTIONS))
     args = parser.parse_args(argv)
-    names = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(SECTIONS))
-    if unknown:
-        parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    names = common.choice_list(parser, "--sections", args.sections, SECTIONS)
     printed = 0
     for name in names:
         source = args.out / f"{name}.json"
