@@ -41,42 +41,11 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import common
+from flashkv_ops.model_shapes import MODEL_SHAPES, config_kwargs
 
-# LlamaConfig arguments of the published checkpoints' shapes (weights are random).
+# LlamaConfig arguments (plus a label) of the published checkpoints' shapes; weights are random.
 MODEL_SPECS: dict[str, dict[str, Any]] = {
-    "tinyllama": {
-        "label": "TinyLlama-1.1B",
-        "vocab_size": 32000,
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 2048,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-    "llama3-8b": {
-        "label": "Llama-3.1-8B",
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
+    name: {"label": MODEL_SHAPES[name]["label"], **config_kwargs(name)} for name in ("tinyllama", "llama3-8b")
 }
 # "flashkv+compile" (decode step also through torch.compile) is opt-in: --providers.
 PROVIDERS = ("flashkv", "flashkv+compile", "hf_eager", "hf_static")

@@ -29,70 +29,7 @@ import time
 import torch
 
 import flashkv_ops
-
-# Shapes of the real models (random weights are drawn for them; no checkpoint is read).
-CONFIGS = {
-    # Small enough to run on a laptop CPU in seconds, with GQA (4 query heads per KV head).
-    "default": dict(
-        model_type="llama",
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    ),
-    # TinyLlama-1.1B
-    "tinyllama": dict(
-        model_type="llama",
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    ),
-    # Llama-3.1-8B (with its "llama3" RoPE frequency scaling)
-    "llama3-8b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    # Qwen2.5-7B (biases on q/k/v are part of the Qwen2 architecture)
-    "qwen2.5-7b": dict(
-        model_type="qwen2",
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        use_sliding_window=False,
-    ),
-}
+from flashkv_ops.model_shapes import MODEL_SHAPES, model_config
 
 # Runs at least this long get a progress bar.
 PROGRESS_MIN_TOKENS = 128
@@ -102,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", choices=sorted(CONFIGS), default="default",
+    source.add_argument("--config", choices=sorted(MODEL_SHAPES), default="default",
                         help="random-weight model of this shape (default: a small LLaMA)")
     source.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (with tokenizer)")
     parser.add_argument("--prompt", action="append",
@@ -130,14 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_random_model(name: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
-    spec = dict(CONFIGS[name])
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("model_type")]
-    config = config_class(**spec, tie_word_embeddings=False)
     # Drawing the weights on the target device: an 8B model is initialised in seconds on a GPU.
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(model_config(name), dtype=dtype)
     return model.eval()
 
 
