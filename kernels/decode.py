@@ -18,7 +18,6 @@ import triton.language as tl
 
 from .attention_fwd import LOG2_E
 from .common import (
-    device_capability,
     dot_precision,
     interpreting,
     kv_descriptors,
@@ -173,7 +172,7 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
-            dtype: torch.dtype, capability: tuple, sm_count: int, interpret: bool) -> dict:
+            dtype: torch.dtype, sm_count: int, interpret: bool) -> dict:
     """Tile sizes and the split count, from static information only (never from lengths)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
@@ -215,7 +214,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
-                  head_dim, q.dtype, device_capability(q.device), sm_count, interpret)
+                  head_dim, q.dtype, sm_count, interpret)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     partial_out = torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32,
