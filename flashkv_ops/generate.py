@@ -67,6 +67,7 @@ def generate(
     max_cache_len: int | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    fuse_projections: bool = True,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Decode ``max_new_tokens`` tokens per prompt with flashkv attention and a static KV cache.
@@ -120,6 +121,11 @@ def generate(
         Also run the decode step through ``torch.compile`` (before capture), which fuses the
         small element-wise kernels around attention (RMSNorm, RoPE, residual adds). The first
         call per model and cache shape pays the compilation.
+    fuse_projections : bool
+        During the call, run q/k/v and gate/up projections as one GEMM each
+        (:func:`flashkv_ops.model_patches.projections.fused_projections`): fewer, larger
+        launches per layer. The first call moves each group's weights into one buffer (same
+        parameters, values and memory); the modules are restored on return.
     callback : callable, optional
         ``callback(step, next_tokens, logits)`` after each generated token: ``step`` counts from
         0, ``next_tokens`` is int64 ``[B]``, ``logits`` ``[B, vocab]`` (a buffer overwritten by
@@ -194,7 +200,10 @@ def generate(
 
     cache = _resolve_cache(model, cache, batch_size, needed, max_cache_len, dtype, device)
 
-    with torch.no_grad(), _attention_implementation(model, ATTN_IMPLEMENTATION):
+    from .model_patches.projections import fused_projections
+
+    fusion = fused_projections(model) if fuse_projections else contextlib.nullcontext()
+    with torch.no_grad(), _attention_implementation(model, ATTN_IMPLEMENTATION), fusion:
         # -- prefill ---------------------------------------------------------------------------
         # Stable sort puts each row's real tokens first, in order: [B, P] -> [B, L].
         order = torch.sort((~attention_mask).to(torch.int8), dim=1, stable=True).indices[:, :longest]

@@ -32,13 +32,16 @@ def _attend(q, k, v, out, key_start, key_end, key_end_offset, block_table, causa
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not uses_triton(q):
         _fallback.attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
-        return
-    num_q_heads, seqlen_q = q.shape[1], q.shape[2]
-    packed = decode_packed_rows(num_q_heads, k.shape[1], seqlen_q)
-    if seqlen_q <= DECODE_MAX_QUERY_LEN and packed <= DECODE_MAX_PACKED_ROWS:
+    elif _uses_decode(q, k):
         attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
     else:
         attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
+
+
+def _uses_decode(q: Tensor, k: Tensor) -> bool:
+    num_q_heads, seqlen_q = q.shape[1], q.shape[2]
+    packed = decode_packed_rows(num_q_heads, k.shape[1], seqlen_q)
+    return seqlen_q <= DECODE_MAX_QUERY_LEN and packed <= DECODE_MAX_PACKED_ROWS
 
 
 def _new_output(q: Tensor) -> Tensor:
@@ -70,14 +73,19 @@ def attention_with_kv_cache_op(
     block_table: Optional[Tensor] = None,
 ) -> Tensor:
     out = _new_output(q)
-    appended = 0
-    if k is not None and v is not None:
+    if k is None or v is None:
+        _attend(q, k_cache, v_cache, out, None, cache_seqlens, 0, block_table, causal, scale)
+    elif uses_triton(q) and _uses_decode(q, k_cache):
+        # the decode kernel writes k/v into the cache itself, in the same pass
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        attention_decode(q, k_cache, v_cache, out, None, cache_seqlens, k.shape[2], block_table, causal, scale,
+                         k_new=k, v_new=v)
+    else:
         if uses_triton(q):
             append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
         else:
             _fallback.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
-        appended = k.shape[2]
-    _attend(q, k_cache, v_cache, out, None, cache_seqlens, appended, block_table, causal, scale)
+        _attend(q, k_cache, v_cache, out, None, cache_seqlens, k.shape[2], block_table, causal, scale)
     return out
 
 

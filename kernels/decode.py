@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E
+from .cache_append import write_new_rows
 from .common import (
+    device_capability,
     dot_precision,
     interpreting,
     kv_descriptors,
@@ -36,8 +38,11 @@ def _decode_split_kernel(
     V,
     KDesc,  # TMA descriptors of K and V when TMA (else unused)
     VDesc,
+    KNew,  # APPEND: this step's K/V [B, H_kv, S_q, D], written into the cache here (else unused)
+    VNew,
     PartialOut,  # [B, H_q, S_q, num_splits, HEAD_DIM] fp32, normalised per split
     PartialLse,  # [B, H_q, S_q, num_splits] fp32, log2 domain, -inf where the split saw nothing
+    Out,  # DIRECT (one split): the output [B, H_q, S_q, HEAD_DIM], written here (else unused)
     KeyStart,
     KeyEnd,
     BlockTable,
@@ -57,10 +62,14 @@ def _decode_split_kernel(
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_bt_b,
+    stride_o_b, stride_o_h, stride_o_s,
+    stride_kn_b, stride_kn_h, stride_kn_s,
+    stride_vn_b, stride_vn_h, stride_vn_s,
     # -- meta-parameters
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
@@ -68,7 +77,13 @@ def _decode_split_kernel(
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    APPEND: tl.constexpr,
+    DIRECT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # launched early (programmatic dependent launch): wait for the kernels before this one
+        tl.extra.cuda.gdc_wait()
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // num_kv_heads
@@ -102,14 +117,31 @@ def _decode_split_kernel(
     k_base = kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED)
     v_base = kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # whole blocks that every packed row sees run unmasked; the tail (sequence end, causal
     # diagonal of a multi-token query) is masked
     full_hi = hi
     if CAUSAL:
         full_hi = tl.minimum(full_hi, diag + 1)
+    tail_tma: tl.constexpr = TMA and not APPEND
+    if APPEND:
+        # Fused append: the program whose slice holds new token t (at cache_seqlens[b] + t)
+        # writes it, then reads it back in its masked tail (pointer loads, after a barrier);
+        # TMA loads only cover the whole blocks before the first new token.
+        new_lo = tl.load(KeyEnd + b)
+        full_hi = tl.minimum(full_hi, new_lo)
+        rows_t = tl.arange(0, BLOCK_T)
+        pos_t = new_lo + rows_t
+        mine = (rows_t < key_end_offset) & (pos_t >= lo) & (pos_t < hi)  # offset = new tokens
+        write_new_rows(KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h,
+                       VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h,
+                       stride_kn_s, stride_vn_s, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
+                       bt_row, page_size, num_pages, max_pages_per_seq, rows_t, pos_t, mine,
+                       HEAD_DIM, BLOCK_D, PAGED)
+        tl.debug_barrier()
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
@@ -120,16 +152,23 @@ def _decode_split_kernel(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
         tl.maximum(full_hi, lo), hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, tail_tma)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    # partial buffers are contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]
-    partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits + split
-    tl.store(PartialLse + partial_row, lse, mask=row_ok)
-    tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-
+    if DIRECT:
+        # a single split: its normalised result is the output, no merge pass
+        o_ptrs = Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the merge may start launching
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        # partial buffers are contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]
+        partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits + split
+        tl.store(PartialLse + partial_row, lse, mask=row_ok)
+        tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -144,7 +183,10 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the split kernel's partial results
     row = tl.program_id(0)  # flattened (b, h, i)
     i = row % seqlen_q
     h = (row // seqlen_q) % num_q_heads
@@ -198,6 +240,9 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
 
 # Stage 1 reads K/V through TMA descriptors where kv_descriptors allows (Hopper, contiguous cache)
 DECODE_TMA = True
+# Hopper and newer: launch both kernels with programmatic dependent launch, so each one's launch
+# overlaps the tail of the kernel before it (each waits on it before reading anything)
+DECODE_PDL = True
 
 
 def decode_packed_rows(num_q_heads: int, num_kv_heads: int, seqlen_q: int) -> int:
@@ -205,11 +250,18 @@ def decode_packed_rows(num_q_heads: int, num_kv_heads: int, seqlen_q: int) -> in
     return (num_q_heads // num_kv_heads) * seqlen_q
 
 
-def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):
-    """Launch split-KV decode. Same arguments as `attention_forward`."""
+def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale,
+                     k_new=None, v_new=None):
+    """Launch split-KV decode. Same arguments as `attention_forward`, plus the fused append.
+
+    k_new, v_new: [B, H_kv, S_q, D] or None. When given, ``key_end`` is ``cache_seqlens`` and
+    ``key_end_offset`` is S_q: the kernel writes them into the cache at ``cache_seqlens[b] + t``
+    (masked like `append_kv`) and attends over them in the same pass.
+    """
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
     paged = block_table is not None
+    append = k_new is not None
     num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
@@ -217,13 +269,20 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
                   head_dim, q.dtype, sm_count, interpret)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
-    partial_out = torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32,
-                              device=q.device)
-    partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    if direct:
+        partial_out = partial_lse = out  # never touched
+    else:
+        partial_out = torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32,
+                                  device=q.device)
+        partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32,
+                                  device=q.device)
     dummy = key_end if key_end is not None else q  # never read when its flag is off
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
+    pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
+    new_k, new_v = (k_new, v_new) if append else (k, v)
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
-        q, k, v, *(descriptors or (k, v)), partial_out, partial_lse,
+        q, k, v, *(descriptors or (k, v)), new_k, new_v, partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
         dummy,
         block_table if paged else dummy,
@@ -233,19 +292,31 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         stride_bt_b,
+        out.stride(0), out.stride(1), out.stride(2),
+        new_k.stride(0), new_k.stride(1), new_k.stride(2),
+        new_v.stride(0), new_v.stride(1), new_v.stride(2),
         HEAD_DIM=head_dim,
+        BLOCK_T=max(2, next_power_of_2(new_k.shape[2])) if append else 2,
         CAUSAL=causal,
         HAS_KEY_START=key_start is not None,
         HAS_KEY_END=key_end is not None,
         PAGED=paged,
         DOT_PRECISION=dot_precision(q.dtype),
         TMA=descriptors is not None,
+        APPEND=append,
+        DIRECT=direct,
+        PDL=pdl,
         **cfg,
+        **({"launch_pdl": True} if pdl else {}),
     )
+    if direct:
+        return
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
         partial_out, partial_lse, out, num_q_heads, seqlen_q, num_splits,
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
+        PDL=pdl,
         num_warps=4 if cfg["BLOCK_D"] * num_splits >= 4096 else 1,
+        **({"launch_pdl": True} if pdl else {}),
     )
