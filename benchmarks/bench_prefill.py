@@ -4,7 +4,10 @@ Prompt processing is compute-bound, so providers are compared in TFLOP/s:
 ``4 * B * H_q * S_q * S_k * D / t``, with causal work counted as half (for a query chunk at
 the end of a longer cache, the full rectangle before the chunk plus half the square).
 
-Providers, in one run, timed with ``triton.testing.do_bench`` (median):
+Providers, in one run, timed by CUDA-graph replay (``--timing graph``, the default: GPU time
+without the host's launch path, as under ``torch.compile``/CUDA graphs) or with
+``triton.testing.do_bench`` (``--timing do_bench``: eager calls, the host path included; at
+~0.2 ms kernels the eager host path, ~130 µs per flashkv call, shows through):
 
 - ``flashkv``: ``flashkv_ops.attention(q, k, v, causal=True)``; its first call (Triton
   compilation and autotuning) is timed separately, before any warm-up, and reported as
@@ -269,9 +272,12 @@ def run_case(case: PrefillCase, args: argparse.Namespace, sink: common.RowSink) 
             first_ms, outputs[provider] = common.timed_first_call(call)
         else:
             outputs[provider] = call()
-        us = common.do_bench_time_us(call, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        if args.timing == "graph":
+            us = common.cuda_graph_time_us(call, calls_per_graph=args.graph_calls, replays=args.replays)
+        else:
+            us = common.do_bench_time_us(call, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         return {"us": us, "tflops": tflops(flops, us), "first_call_ms": first_ms,
-                "timing": "do_bench", **extra}
+                "timing": args.timing, **extra}
 
     if case.kind == "chunked":
         providers = [p for p in CHUNKED_PROVIDERS if p in args.providers or p == "flashkv_kvcache"]
@@ -365,6 +371,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--no-chunked", action="store_true", help="skip the chunked-prefill case")
+    parser.add_argument("--timing", choices=("graph", "do_bench"), default="graph")
+    parser.add_argument("--graph-calls", type=int, default=5, help="calls captured per graph (--timing graph)")
+    parser.add_argument("--replays", type=int, default=10, help="timed graph replays (--timing graph)")
     parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time")
     parser.add_argument("--warm-triton-cache", action="store_true",

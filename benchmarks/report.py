@@ -35,7 +35,8 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Sequence[dict[str, Any]]], str]]] 
     ),
     "prefill": (
         "Prefill attention",
-        "triton.testing.do_bench median; TFLOP/s = 4·B·H_q·S_q·S_k·D / t with causal work "
+        "CUDA-graph replay timing (GPU time, no host launch path; `--timing do_bench` for eager "
+        "calls); TFLOP/s = 4·B·H_q·S_q·S_k·D / t with causal work "
         "counted as half. \"first call\" is the first call's wall time (Triton compilation and "
         "autotuning for flashkv, plan building for cuDNN).",
         prefill_table,

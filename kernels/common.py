@@ -125,36 +125,56 @@ def online_softmax_blocks(
             else:
                 k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if DOT_PRECISION == "interpret-bf16":
-            # the Triton interpreter multiplies bfloat16 dot operands as raw bits
-            qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
-        else:
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             visible = want[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= query_index[:, None] + diag)
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            # -- online softmax; a row that has seen no key yet keeps m = -inf, so shift by 0
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_shift[:, None])
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
         else:
-            # scale folded into one FMA with the max subtraction
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_shift = m_new
-            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DOT_PRECISION == "interpret-bf16":
-            # round p like the GPU path does, then multiply in float32
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
-        else:
-            # accumulate in place: the tensor cores add into acc, no second register tile
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, offs_n, qk_scale, False, DOT_PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def online_softmax_step(
+    acc,  # [BLOCK_M, BLOCK_D] fp32
+    l_i,  # [BLOCK_M] fp32
+    m_i,  # [BLOCK_M] fp32, log2 domain
+    q,  # [BLOCK_M, BLOCK_D]
+    k,  # [BLOCK_D, BLOCK_N] (transposed)
+    v,  # [BLOCK_N, BLOCK_D]; zero (not NaN) wherever a key is not visible
+    visible,  # MASKED: [BLOCK_M, BLOCK_N] bool, which scores count (else unused)
+    qk_scale,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold one block of keys into the running (acc, l, m) of the online softmax."""
+    if DOT_PRECISION == "interpret-bf16":
+        # the Triton interpreter multiplies bfloat16 dot operands as raw bits
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
+    else:
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+    if MASKED:
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        # a row that has seen no key yet keeps m = -inf, so shift by 0
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+    else:
+        # scale folded into one FMA with the max subtraction
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_new
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DOT_PRECISION == "interpret-bf16":
+        # round p like the GPU path does, then multiply in float32
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    else:
+        # accumulate in place: the tensor cores add into acc, no second register tile
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 def device_capability(device) -> tuple:

@@ -27,6 +27,7 @@ from .common import (
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
+    online_softmax_step,
 )
 
 
@@ -119,40 +120,50 @@ def _decode_split_kernel(
 
     # whole blocks that every packed row sees run unmasked; the tail (sequence end, causal
     # diagonal of a multi-token query) is masked
-    full_hi = hi
+    cache_hi = hi
+    cache_end = key_end
+    if APPEND:
+        # Fused append: cache slots from cache_seqlens[b] on hold this step's new tokens. The
+        # program whose slice covers new token t writes it into the cache and attends to it
+        # from registers (below); the loops over the cache stop before the first one.
+        new_lo = tl.load(KeyEnd + b)
+        cache_hi = tl.maximum(tl.minimum(hi, new_lo), lo)
+        cache_end = tl.minimum(key_end, new_lo)
+    full_hi = cache_hi
     if CAUSAL:
         full_hi = tl.minimum(full_hi, diag + 1)
-    tail_tma: tl.constexpr = TMA and not APPEND
-    if APPEND:
-        # Fused append: the program whose slice holds new token t (at cache_seqlens[b] + t)
-        # writes it, then reads it back in its masked tail (pointer loads, after a barrier);
-        # TMA loads only cover the whole blocks before the first new token.
-        new_lo = tl.load(KeyEnd + b)
-        full_hi = tl.minimum(full_hi, new_lo)
-        rows_t = tl.arange(0, BLOCK_T)
-        pos_t = new_lo + rows_t
-        mine = (rows_t < key_end_offset) & (pos_t >= lo) & (pos_t < hi)  # offset = new tokens
-        write_new_rows(KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h,
-                       VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h,
-                       stride_kn_s, stride_vn_s, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
-                       bt_row, page_size, num_pages, max_pages_per_seq, rows_t, pos_t, mine,
-                       HEAD_DIM, BLOCK_D, PAGED)
-        tl.debug_barrier()
+    full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
-        page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
+        page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
         lo, full_hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA)
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
-        page_size, num_pages, max_pages_per_seq, query_index, key_start, key_end, diag,
-        tl.maximum(full_hi, lo), hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, tail_tma)
+        page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
+        tl.maximum(full_hi, lo), cache_hi, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
+    if APPEND:
+        rows_t = tl.arange(0, BLOCK_T)
+        pos_t = new_lo + rows_t
+        mine = (rows_t < key_end_offset) & (pos_t >= lo) & (pos_t < hi)  # key_end_offset = new tokens
+        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
+        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
+        write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, k_base, v_base, stride_k_b, stride_k_s,
+                       stride_v_b, stride_v_s, bt_row, page_size, num_pages, max_pages_per_seq, rows_t, pos_t, mine,
+                       HEAD_DIM, BLOCK_D, PAGED)
+        k_new = tl.load(kn_base + rows_t[None, :] * stride_kn_s + offs_d[:, None],
+                        mask=mine[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
+        v_new = tl.load(vn_base + rows_t[:, None] * stride_vn_s + offs_d[None, :],
+                        mask=mine[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+        visible = mine[None, :]
+        if CAUSAL:
+            visible = visible & (pos_t[None, :] <= query_index[:, None] + diag)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new, v_new, visible, qk_scale, True, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -214,7 +225,7 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
-            dtype: torch.dtype, sm_count: int, interpret: bool) -> dict:
+            dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool) -> dict:
     """Tile sizes and the split count, from static information only (never from lengths)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
@@ -228,10 +239,11 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     else:
         # measured on H100 (fp16): 128-key blocks win at head_dim 64, 64-key blocks at 128+
         block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
-    # ~2 programs per SM (best of the H100 sweep, including ragged batches); never slices
-    # shorter than two blocks
+    # ~2 programs per SM for contiguous caches, ~3 for paged ones, whose gathered pointer loads
+    # need more programs in flight (best of the H100 sweeps, ragged batches included; NOTES.md);
+    # never slices shorter than two blocks
     programs = batch * num_kv_heads
-    num_splits = triton.cdiv(2 * sm_count, programs)
+    num_splits = triton.cdiv((3 if paged else 2) * sm_count, programs)
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
     stages = 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
@@ -266,7 +278,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
-                  head_dim, q.dtype, sm_count, interpret)
+                  head_dim, q.dtype, paged, sm_count, interpret)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     direct = num_splits == 1
@@ -296,7 +308,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         new_k.stride(0), new_k.stride(1), new_k.stride(2),
         new_v.stride(0), new_v.stride(1), new_v.stride(2),
         HEAD_DIM=head_dim,
-        BLOCK_T=max(2, next_power_of_2(new_k.shape[2])) if append else 2,
+        BLOCK_T=max(16, next_power_of_2(new_k.shape[2])),  # 16: the smallest tl.dot size
         CAUSAL=causal,
         HAS_KEY_START=key_start is not None,
         HAS_KEY_END=key_end is not None,
