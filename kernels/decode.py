@@ -234,11 +234,17 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         num_splits = min(4, triton.cdiv(key_capacity, block_n))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
                     num_warps=4, num_stages=1)
+    warps = 4
     if dtype == torch.float32:
         block_n = 32
+    elif block_d <= 64:
+        block_n = 128
+    elif block_d <= 128 and not paged:
+        # 128-key blocks over 8 warps: as fast as 64/4 warps without an append, and keeps the
+        # fused append free where 64/4 lost ~9% on 537 MB caches (H100 sweep, NOTES.md)
+        block_n, warps = 128, 8
     else:
-        # measured on H100 (fp16): 128-key blocks win at head_dim 64, 64-key blocks at 128+
-        block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
+        block_n = 64 if block_d <= 128 else 32
     # ~2 programs per SM for contiguous caches, ~3 for paged ones, whose gathered pointer loads
     # need more programs in flight (best of the H100 sweeps, ragged batches included; NOTES.md);
     # never slices shorter than two blocks
@@ -247,7 +253,7 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
     stages = 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-                num_warps=4, num_stages=stages)
+                num_warps=warps, num_stages=stages)
 
 
 # Stage 1 reads K/V through TMA descriptors where kv_descriptors allows (Hopper, contiguous cache)
