@@ -27,7 +27,6 @@ from .common import (
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
-    online_softmax_step,
 )
 
 
@@ -39,8 +38,6 @@ def _decode_split_kernel(
     V,
     KDesc,  # TMA descriptors of K and V when TMA (else unused)
     VDesc,
-    KNew,  # APPEND: this step's K/V [B, H_kv, S_q, D], written into the cache here (else unused)
-    VNew,
     PartialOut,  # [B, H_q, S_q, num_splits, HEAD_DIM] fp32, normalised per split
     PartialLse,  # [B, H_q, S_q, num_splits] fp32, log2 domain, -inf where the split saw nothing
     Out,  # DIRECT (one split): the output [B, H_q, S_q, HEAD_DIM], written here (else unused)
@@ -64,13 +61,10 @@ def _decode_split_kernel(
     stride_v_b, stride_v_h, stride_v_s,
     stride_bt_b,
     stride_o_b, stride_o_h, stride_o_s,
-    stride_kn_b, stride_kn_h, stride_kn_s,
-    stride_vn_b, stride_vn_h, stride_vn_s,
     # -- meta-parameters
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
@@ -123,9 +117,9 @@ def _decode_split_kernel(
     cache_hi = hi
     cache_end = key_end
     if APPEND:
-        # Fused append: cache slots from cache_seqlens[b] on hold this step's new tokens. The
-        # program whose slice covers new token t writes it into the cache and attends to it
-        # from registers (below); the loops over the cache stop before the first one.
+        # Fused append: cache slots from cache_seqlens[b] on are this step's new tokens, which
+        # the merge kernel writes and attends to; here the slices stop before the first one
+        # (the causal diagonal still counts them)
         new_lo = tl.load(KeyEnd + b)
         cache_hi = tl.maximum(tl.minimum(hi, new_lo), lo)
         cache_end = tl.minimum(key_end, new_lo)
@@ -147,24 +141,6 @@ def _decode_split_kernel(
         page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
         tl.maximum(full_hi, lo), cache_hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
-    if APPEND:
-        rows_t = tl.arange(0, BLOCK_T)
-        pos_t = new_lo + rows_t
-        mine = (rows_t < key_end_offset) & (pos_t >= lo) & (pos_t < hi)  # key_end_offset = new tokens
-        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
-        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
-        write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, k_base, v_base, stride_k_b, stride_k_s,
-                       stride_v_b, stride_v_s, bt_row, page_size, num_pages, max_pages_per_seq, rows_t, pos_t, mine,
-                       HEAD_DIM, BLOCK_D, PAGED)
-        k_new = tl.load(kn_base + rows_t[None, :] * stride_kn_s + offs_d[:, None],
-                        mask=mine[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
-        v_new = tl.load(vn_base + rows_t[:, None] * stride_vn_s + offs_d[None, :],
-                        mask=mine[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
-        visible = mine[None, :]
-        if CAUSAL:
-            visible = visible & (pos_t[None, :] <= query_index[:, None] + diag)
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new, v_new, visible, qk_scale, True, DOT_PRECISION)
-
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
@@ -187,13 +163,37 @@ def _decode_merge_kernel(
     PartialOut,
     PartialLse,
     Out,
+    Q,  # APPEND only (else unused): the query, this step's K/V and the cache they go into
+    KNew,
+    VNew,
+    KCache,
+    VCache,
+    CacheSeqlens,
+    BlockTable,
     num_q_heads,
+    group_size,
     seqlen_q,
     num_splits,
+    seqlen_new,
+    key_capacity,
+    qk_scale,
+    page_size,
+    num_pages,
+    max_pages_per_seq,
     stride_o_b, stride_o_h, stride_o_s,
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_kn_b, stride_kn_h, stride_kn_s,
+    stride_vn_b, stride_vn_h, stride_vn_s,
+    stride_kc_b, stride_kc_h, stride_kc_s,
+    stride_vc_b, stride_vc_h, stride_vc_s,
+    stride_bt_b,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    APPEND: tl.constexpr,
+    PAGED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:
@@ -207,13 +207,50 @@ def _decode_merge_kernel(
     s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
     lse = tl.load(PartialLse + row.to(tl.int64) * num_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.math.exp2(lse - m)  # 0 for splits that saw nothing
     partial = tl.load(PartialOut + (row.to(tl.int64) * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                       mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.max(lse, 0)
+    if APPEND:
+        # Fused append: this step's tokens are one more "split", scored here from the inputs
+        # (the split kernel stopped before their slots), and written into the cache below.
+        kv_h = h // group_size
+        new_lo = tl.load(CacheSeqlens + b)
+        rows_t = tl.arange(0, BLOCK_T)
+        pos_t = new_lo + rows_t
+        stored = (rows_t < seqlen_new) & (pos_t >= 0) & (pos_t < key_capacity)  # as append_kv masks
+        visible = stored
+        if CAUSAL:
+            visible = visible & (rows_t <= i + seqlen_new - seqlen_q)
+        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
+        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
+        q_row = tl.load(Q + b.to(tl.int64) * stride_q_b + h * stride_q_h + i * stride_q_s + offs_d, mask=d_ok,
+                        other=0.0).to(tl.float32)
+        k_new = tl.load(kn_base + rows_t[:, None] * stride_kn_s + offs_d[None, :],
+                        mask=visible[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
+        v_new = tl.load(vn_base + rows_t[:, None] * stride_vn_s + offs_d[None, :],
+                        mask=visible[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        scores = tl.where(visible, tl.sum(k_new * q_row[None, :], 1) * qk_scale, float("-inf"))
+        m_new = tl.max(scores, 0)
+        p_new = tl.math.exp2(scores - tl.where(m_new == float("-inf"), 0.0, m_new))  # 0 where not visible
+        m = tl.maximum(m, m_new)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.math.exp2(lse - m_shift)  # 0 for splits that saw nothing
+    numerator = tl.sum(partial * weight[:, None], 0)
     total = tl.sum(weight, 0)
-    out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    if APPEND:
+        scale_new = tl.math.exp2(m_new - m_shift)  # 0 when no new token is visible
+        numerator += scale_new * tl.sum(p_new[:, None] * v_new, 0)
+        total += scale_new * tl.sum(p_new, 0)
+        # one program per (sequence, KV head), the one with h % group_size == 0 and i == 0,
+        # writes the new tokens (an integer test: other programs' rows all fail it)
+        writer = rows_t + (h % group_size + i) * BLOCK_T < BLOCK_T
+        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+        write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s,
+                       kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED),
+                       kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED),
+                       stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s, bt_row, page_size, num_pages,
+                       max_pages_per_seq, rows_t, pos_t, stored & writer, HEAD_DIM, BLOCK_D, PAGED)
+    out = numerator / tl.where(total > 0.0, total, 1.0)
     o_ptrs = Out + b.to(tl.int64) * stride_o_b + h * stride_o_h + i * stride_o_s + offs_d
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
 
@@ -273,8 +310,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     """Launch split-KV decode. Same arguments as `attention_forward`, plus the fused append.
 
     k_new, v_new: [B, H_kv, S_q, D] or None. When given, ``key_end`` is ``cache_seqlens`` and
-    ``key_end_offset`` is S_q: the kernel writes them into the cache at ``cache_seqlens[b] + t``
-    (masked like `append_kv`) and attends over them in the same pass.
+    ``key_end_offset`` is S_q: the split kernel reads the cache up to ``cache_seqlens[b]``, and the
+    merge kernel attends to the new tokens from the inputs and writes them into the cache at
+    ``cache_seqlens[b] + t`` (masked like `append_kv`): no separate launch, no re-read.
     """
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -287,7 +325,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
                   head_dim, q.dtype, paged, sm_count, interpret)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
-    direct = num_splits == 1
+    direct = num_splits == 1 and not append  # the merge kernel does the fused append
     if direct:
         partial_out = partial_lse = out  # never touched
     else:
@@ -298,9 +336,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     dummy = key_end if key_end is not None else q  # never read when its flag is off
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
-    new_k, new_v = (k_new, v_new) if append else (k, v)
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
-        q, k, v, *(descriptors or (k, v)), new_k, new_v, partial_out, partial_lse, out,
+        q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
         dummy,
         block_table if paged else dummy,
@@ -311,10 +348,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         v.stride(0), v.stride(1), v.stride(2),
         stride_bt_b,
         out.stride(0), out.stride(1), out.stride(2),
-        new_k.stride(0), new_k.stride(1), new_k.stride(2),
-        new_v.stride(0), new_v.stride(1), new_v.stride(2),
         HEAD_DIM=head_dim,
-        BLOCK_T=max(16, next_power_of_2(new_k.shape[2])),  # 16: the smallest tl.dot size
         CAUSAL=causal,
         HAS_KEY_START=key_start is not None,
         HAS_KEY_END=key_end is not None,
@@ -329,11 +363,24 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     )
     if direct:
         return
+    new_k, new_v = (k_new, v_new) if append else (k, v)
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
-        partial_out, partial_lse, out, num_q_heads, seqlen_q, num_splits,
+        partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
+        num_q_heads, num_q_heads // num_kv_heads, seqlen_q, num_splits, new_k.shape[2], key_capacity,
+        scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
         out.stride(0), out.stride(1), out.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
+        new_k.stride(0), new_k.stride(1), new_k.stride(2),
+        new_v.stride(0), new_v.stride(1), new_v.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_bt_b,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
+        BLOCK_T=max(2, next_power_of_2(new_k.shape[2])),
+        CAUSAL=causal,
+        APPEND=append,
+        PAGED=paged,
         PDL=pdl,
         num_warps=4 if cfg["BLOCK_D"] * num_splits >= 4096 else 1,
         **({"launch_pdl": True} if pdl else {}),
