@@ -273,11 +273,10 @@ def run_case(case: PrefillCase, args: argparse.Namespace, sink: common.RowSink) 
         else:
             outputs[provider] = call()
         if args.timing == "graph":
-            us = common.cuda_graph_time_us(call, calls_per_graph=args.graph_calls, replays=args.replays)
+            us, clock = common.time_us(call, "graph", calls_per_graph=args.graph_calls, replays=args.replays)
         else:
-            us = common.do_bench_time_us(call, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-        return {"us": us, "tflops": tflops(flops, us), "first_call_ms": first_ms,
-                "timing": args.timing, **extra}
+            us, clock = common.do_bench_time_us(call, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms), "do_bench"
+        return {"us": us, "tflops": tflops(flops, us), "first_call_ms": first_ms, "timing": clock, **extra}
 
     if case.kind == "chunked":
         providers = [p for p in CHUNKED_PROVIDERS if p in args.providers or p == "flashkv_kvcache"]

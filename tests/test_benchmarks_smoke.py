@@ -414,9 +414,16 @@ def test_prefill_run_case_on_cpu(cpu_bench, tmp_path):
         if row["provider"].startswith("flashkv"):
             assert row["error"] is None, row["error"]
             assert row["max_abs_diff"] < 5e-2 and row["first_call_ms"] > 0
+            # timed by the (faked) CUDA-graph clock, the default
+            assert row["timing"] == "fake"
             assert math.isclose(row["tflops"], bench_prefill.tflops(
                 bench_prefill.attention_flops(1, 4, row["seqlen_q"], row["seqlen_k"], 8, True),
-                100.0))
+                10.0))
+    args = bench_prefill.parse_args(["--out", str(tmp_path), "--timing", "do_bench"])
+    sink = common.RowSink(tmp_path / "eager.json", bench_prefill.KEY_FIELDS)
+    bench_prefill.run_case(bench_prefill.PrefillCase(1, 4, 2, 16, 8, "bf16"), args, sink)
+    row = common.load_rows(tmp_path / "eager.json")[0]
+    assert row["timing"] == "do_bench" and row["us"] == 100.0
 
 
 def test_e2e_run_model_on_cpu(cpu_bench, tmp_path, monkeypatch):
