@@ -11,6 +11,47 @@ from .common import interpreting, kv_geometry, kv_head_base, kv_token_offsets, n
 
 
 @triton.jit
+def write_new_rows(
+    KNewBase,  # new K/V of one (batch, kv head): row t at KNewBase + t * stride_kn_s
+    VNewBase,
+    stride_kn_s,
+    stride_vn_s,
+    KCacheBase,  # from kv_head_base
+    VCacheBase,
+    stride_kc_page,
+    stride_kc_seq,
+    stride_vc_page,
+    stride_vc_seq,
+    block_table_row_ptr,
+    page_size,
+    num_pages,
+    max_pages_per_seq,
+    rows,  # [BLOCK] indices of new tokens to copy
+    positions,  # [BLOCK] their cache positions
+    want,  # [BLOCK] which of them to write (the caller masks the capacity)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr,
+):
+    """Copy new K/V rows into the cache; paged slots whose page lies outside the pool are skipped.
+
+    Shared by the append kernel and the decode kernel's fused append.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kc_rows, k_ok = kv_token_offsets(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq,
+                                     page_size, num_pages, max_pages_per_seq, PAGED)
+    vc_rows, v_ok = kv_token_offsets(block_table_row_ptr, positions, want, stride_vc_page, stride_vc_seq,
+                                     page_size, num_pages, max_pages_per_seq, PAGED)
+    k_mask = k_ok[:, None] & d_ok[None, :]
+    v_mask = v_ok[:, None] & d_ok[None, :]
+    k_new = tl.load(KNewBase + rows[:, None] * stride_kn_s + offs_d[None, :], mask=k_mask)
+    v_new = tl.load(VNewBase + rows[:, None] * stride_vn_s + offs_d[None, :], mask=v_mask)
+    tl.store(KCacheBase + kc_rows[:, None] + offs_d[None, :], k_new, mask=k_mask)
+    tl.store(VCacheBase + vc_rows[:, None] + offs_d[None, :], v_new, mask=v_mask)
+
+
+@triton.jit
 def _append_kv_kernel(
     # -- pointers
     KNew,
@@ -55,47 +96,6 @@ def _append_kv_kernel(
                    stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s,
                    bt_row, page_size, num_pages, max_pages_per_seq,
                    offs_s, positions, want, HEAD_DIM, BLOCK_D, PAGED)
-
-
-@triton.jit
-def write_new_rows(
-    KNewBase,  # new K/V of one (batch, kv head): row t at KNewBase + t * stride_kn_s
-    VNewBase,
-    stride_kn_s,
-    stride_vn_s,
-    KCacheBase,  # from kv_head_base
-    VCacheBase,
-    stride_kc_page,
-    stride_kc_seq,
-    stride_vc_page,
-    stride_vc_seq,
-    block_table_row_ptr,
-    page_size,
-    num_pages,
-    max_pages_per_seq,
-    rows,  # [BLOCK] indices of new tokens to copy
-    positions,  # [BLOCK] their cache positions
-    want,  # [BLOCK] which of them to write (the caller masks the capacity)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGED: tl.constexpr,
-):
-    """Copy new K/V rows into the cache; paged slots whose page lies outside the pool are skipped.
-
-    Shared by the append kernel and the decode kernel's fused append.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    kc_rows, k_ok = kv_token_offsets(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq,
-                                     page_size, num_pages, max_pages_per_seq, PAGED)
-    vc_rows, v_ok = kv_token_offsets(block_table_row_ptr, positions, want, stride_vc_page, stride_vc_seq,
-                                     page_size, num_pages, max_pages_per_seq, PAGED)
-    k_mask = k_ok[:, None] & d_ok[None, :]
-    v_mask = v_ok[:, None] & d_ok[None, :]
-    k_new = tl.load(KNewBase + rows[:, None] * stride_kn_s + offs_d[None, :], mask=k_mask)
-    v_new = tl.load(VNewBase + rows[:, None] * stride_vn_s + offs_d[None, :], mask=v_mask)
-    tl.store(KCacheBase + kc_rows[:, None] + offs_d[None, :], k_new, mask=k_mask)
-    tl.store(VCacheBase + vc_rows[:, None] + offs_d[None, :], v_new, mask=v_mask)
 
 
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):

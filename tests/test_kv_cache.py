@@ -272,3 +272,49 @@ def test_kv_cache_huge_scores_stay_finite(dtype):
     out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v)
     assert torch.isfinite(out).all()
     assert max_err(out, want) < (1e-3 if dtype == torch.float32 else 2e-2)
+
+
+# -- the unchecked path (torch.compile / CUDA graphs skip value checks): stores stay in bounds --
+
+
+@pytest.mark.parametrize("s_q", [3, 20])  # split-KV decode with its fused append; forward kernel
+def test_op_without_checks_writes_only_slots_inside_the_cache(s_q):
+    torch.manual_seed(0)
+    batch, heads, s_max, dim = 3, 2, 24, 16
+    k_cache = torch.randn(batch, heads, s_max, dim)
+    v_cache = torch.randn_like(k_cache)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q = torch.randn(batch, 4, s_q, dim)
+    k, v = torch.randn(batch, heads, s_q, dim), torch.randn(batch, heads, s_q, dim)
+    # overflowing, negative and in-range lengths: the public function would refuse the first two
+    seqlens = torch.tensor([s_max - 1, -2, 1], dtype=torch.int32)
+    out = torch.ops.flashkv.attention_with_kv_cache(q, k_cache, v_cache, seqlens, k, v)
+    assert torch.isfinite(out[2]).all()
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    for b, start in enumerate(seqlens.tolist()):
+        for t in range(s_q):
+            if 0 <= start + t < s_max:
+                expected_k[b, :, start + t] = k[b, :, t]
+                expected_v[b, :, start + t] = v[b, :, t]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("s_q", [1, 20])
+def test_op_without_checks_never_writes_outside_the_page_pool(s_q):
+    torch.manual_seed(1)
+    num_pages, heads, page_size, dim = 6, 2, 4, 16
+    pool = torch.randn(num_pages + 2, heads, page_size, dim)  # the last two pages lie outside
+    k_pages, v_pages = pool[:num_pages], pool.clone()[:num_pages]
+    before_pool, before_v = pool.clone(), v_pages.clone()
+    # sequence 0 maps its pages outside the pool (past the end, negative); sequence 1 is valid
+    table = torch.tensor([[num_pages, num_pages + 1, -1, 7, 9, 10], [0, 1, 2, 3, 4, 5]], dtype=torch.int32)
+    q = torch.randn(2, 2, s_q, dim)
+    k, v = torch.randn(2, heads, s_q, dim), torch.randn(2, heads, s_q, dim)
+    seqlens = torch.tensor([2, 1], dtype=torch.int32)
+    torch.ops.flashkv.attention_with_kv_cache(q, k_pages, v_pages, seqlens, k, v, block_table=table)
+    # nothing of sequence 0 landed anywhere, in the pool or beyond it
+    assert torch.equal(pool[num_pages:], before_pool[num_pages:])
+    changed = (pool[:num_pages] != before_pool[:num_pages]).flatten(1).any(1).nonzero().flatten().tolist()
+    touched = sorted({(1 + t) // page_size for t in range(s_q) if 1 + t < 6 * page_size})
+    assert changed == touched
+    assert (v_pages != before_v).flatten(1).any(1).nonzero().flatten().tolist() == touched
