@@ -103,17 +103,8 @@ def online_softmax_blocks(
         want = (offs_n >= key_start) & (offs_n < key_end)
         if TMA:
             # Hopper bulk copies; rows past S come back as zeros
-            if PAGED:
-                # one page per block (BLOCK_N == page_size, start_n page-aligned); a page index
-                # outside the pool is out of the descriptor's bounds and reads as zeros
-                page_slot = start_n // BLOCK_N
-                page = tl.load(block_table_row_ptr + page_slot, mask=page_slot < max_pages_per_seq, other=-1)
-                want = want & (page >= 0) & (page < num_pages)
-                k = k_desc.load([page, desc_h, 0, 0]).reshape(BLOCK_N, BLOCK_D).T
-                v = v_desc.load([page, desc_h, 0, 0]).reshape(BLOCK_N, BLOCK_D)
-            else:
-                k = k_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T
-                v = v_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            k = k_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T
+            v = v_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
             if MASKED:
                 # slots outside the key range may hold anything (NaN too): 0 * NaN would leak
                 v = tl.where(want[:, None], v, 0.0)
@@ -214,24 +205,6 @@ def dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def paged_tma_block(k, block_table) -> int:
-    """BLOCK_N for reading a page pool with TMA, one page per block (its page_size), or 0 if not.
-
-    Needs a Hopper-class GPU, 16-bit K/V, a power-of-two head_dim and a power-of-two page_size
-    from 16 to 128 (TMA box and ``tl.dot`` limits).
-    """
-    import torch
-
-    if block_table is None or not k.is_cuda or interpreting() or TensorDescriptor is None:
-        return 0
-    page_size, head_dim = k.shape[2], k.shape[3]
-    if k.dtype not in (torch.float16, torch.bfloat16) or device_capability(k.device)[0] < 9:
-        return 0
-    if page_size not in (16, 32, 64, 128) or head_dim != next_power_of_2(head_dim):
-        return 0
-    return page_size
-
-
 def interpreting() -> bool:
     import os
 
@@ -250,19 +223,15 @@ def kv_geometry(k_cache, block_table) -> tuple:
     return num_pages, page_size, max_pages_per_seq, max_pages_per_seq * page_size, block_table.stride(0)
 
 
-def kv_descriptors(k, v, block_table, block_n: int, block_d: int, pages: bool = False):
+def kv_descriptors(k, v, block_table, block_n: int, block_d: int):
     """Host TMA descriptors for K and V ([B, H_kv, S, D], any 16-byte-aligned strides), or None.
 
-    Only on Hopper or newer CUDA devices, for caches whose head_dim is a power of two: elsewhere
-    the kernels fall back to pointer loads. Page pools ``[num_pages, H_kv, page_size, D]`` get
-    descriptors only when the caller asks (``pages``: its loop reads one page per block, so
-    ``block_n`` must equal ``page_size``).
+    Only on Hopper or newer CUDA devices, for contiguous (not paged) caches whose head_dim is a
+    power of two: elsewhere the kernels fall back to pointer loads.
     """
     import torch
 
-    if not k.is_cuda or interpreting() or block_d != k.shape[-1]:
-        return None
-    if block_table is not None and not (pages and k.shape[2] == block_n):
+    if block_table is not None or not k.is_cuda or interpreting() or block_d != k.shape[-1]:
         return None
     if TensorDescriptor is None or k.dtype not in (torch.float16, torch.bfloat16):
         return None

@@ -27,7 +27,6 @@ from .common import (
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
-    paged_tma_block,
 )
 
 
@@ -263,11 +262,8 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
-            dtype: torch.dtype, paged: bool, page_block: int, sm_count: int, interpret: bool) -> dict:
-    """Tile sizes and the split count, from static information only (never from lengths).
-
-    ``page_block``: a page pool read with TMA one page per block (`paged_tma_block`), else 0.
-    """
+            dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool) -> dict:
+    """Tile sizes and the split count, from static information only (never from lengths)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     if interpret:
@@ -276,11 +272,7 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
                     num_warps=4, num_stages=1)
     warps = 4
-    stages = 2
-    if page_block:
-        # one page per block: as many pages in flight as a 128-key block would hold, and more
-        block_n, stages = page_block, PAGED_TMA_STAGES.get(page_block, 2)
-    elif dtype == torch.float32:
+    if dtype == torch.float32:
         block_n = 32
     elif block_d <= 64:
         block_n = 128
@@ -292,20 +284,17 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         block_n = 64 if block_d <= 128 else 32
     # ~2 programs per SM for contiguous caches, ~3 for paged ones, whose gathered pointer loads
     # need more programs in flight (best of the H100 sweeps, ragged batches included; NOTES.md);
-    # never slices shorter than two blocks (128 keys for one-page blocks)
+    # never slices shorter than two blocks
     programs = batch * num_kv_heads
-    num_splits = triton.cdiv((3 if paged and not page_block else 2) * sm_count, programs)
-    min_slice = max(2 * block_n, 128) if page_block else 2 * block_n
-    num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, min_slice), 128))
+    num_splits = triton.cdiv((3 if paged else 2) * sm_count, programs)
+    num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
+    stages = 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
                 num_warps=warps, num_stages=stages)
 
 
-# Stage 1 reads K/V through TMA descriptors where kv_descriptors allows (Hopper, contiguous cache,
-# or a page pool with page_size 16..128 read one page per block)
+# Stage 1 reads K/V through TMA descriptors where kv_descriptors allows (Hopper, contiguous cache)
 DECODE_TMA = True
-# page_size -> pipeline stages of the one-page-per-block TMA loop
-PAGED_TMA_STAGES = {16: 8, 32: 4, 64: 3, 128: 2}
 # Hopper and newer: launch both kernels with programmatic dependent launch, so each one's launch
 # overlaps the tail of the kernel before it (each waits on it before reading anything)
 DECODE_PDL = True
@@ -333,8 +322,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
-                  head_dim, q.dtype, paged, paged_tma_block(k, block_table) if DECODE_TMA else 0, sm_count,
-                  interpret)
+                  head_dim, q.dtype, paged, sm_count, interpret)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     direct = num_splits == 1 and not append  # the merge kernel does the fused append
@@ -346,7 +334,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32,
                                   device=q.device)
     dummy = key_end if key_end is not None else q  # never read when its flag is off
-    descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"], pages=True) if DECODE_TMA else None
+    descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
