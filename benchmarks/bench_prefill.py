@@ -122,6 +122,13 @@ def quick_cases() -> list[PrefillCase]:
     return cases
 
 
+def headline_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the quick cases and of chunked prefill: what the README tabulates (the full
+    sweep stays in prefill.json and its plot)."""
+    quick = {case.name + case.dtype for case in quick_cases()}
+    return [row for row in rows if row.get("kind") == "chunked" or row.get("config", "") + str(row.get("dtype")) in quick]
+
+
 def full_cases(
     seqlens: Sequence[int] = SWEEP_SEQLENS,
     head_dims: Sequence[int] = SWEEP_HEAD_DIMS,
