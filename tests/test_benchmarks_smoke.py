@@ -450,3 +450,13 @@ def test_e2e_run_model_on_cpu(cpu_bench, tmp_path, monkeypatch):
         assert row["error"] is None, row["error"]
         assert row["tok_s"] > 0 and row["prefill_s"] is not None and row["batch"] == 2
     assert rows["hf_static"]["matches_eager"] == 3
+
+
+def test_prefill_headline_rows_keep_targets_and_chunked():
+    quick = bench_prefill.quick_cases()[0]
+    sweep_only = bench_prefill.PrefillCase(32, 32, 8, 512, 64, "fp16")
+    chunked = bench_prefill.chunked_cases(["bf16"])[0]
+    rows = [{**case.fields(), "provider": "flashkv"} for case in (quick, sweep_only, chunked)]
+    kept = bench_prefill.headline_rows(rows)
+    assert [row["config"] for row in kept] == [quick.name, chunked.name]
+    assert sweep_only in bench_prefill.full_cases() and sweep_only not in bench_prefill.quick_cases()
