@@ -436,7 +436,8 @@ class _DecodeRunner:
     def __init__(self, model: nn.Module, cache: StaticKVCache, compile: bool) -> None:
         self.key = (_model_key(model), compile)
         # Graph breaks are tolerated: inside a captured graph they cost nothing at replay.
-        self.forward = torch.compile(_decode_forward, dynamic=False) if compile else _decode_forward
+        self.forward = (torch.compile(_decode_forward, dynamic=False, options=_compile_options())
+                        if compile else _decode_forward)
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)  # [B, 1]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # [B, V], lives in the graph's memory pool
@@ -467,6 +468,16 @@ class _DecodeRunner:
                 logits = self.forward(model, cache, self.tokens)
         # Capture records kernels without running them, so seqlens is still the pre-step value.
         self.graph, self.logits = graph, logits
+
+
+def _compile_options() -> dict:
+    """Inductor options for the decode step: programmatic dependent launch for its Triton kernels
+    where this torch has the switch (it takes effect on Hopper and newer only). Inside the captured
+    graph each kernel's launch then overlaps the tail of the one before, as flashkv's own decode
+    kernels do."""
+    import torch._inductor.config as inductor_config
+
+    return {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
 
 
 def _decode_runner(model: nn.Module, cache: StaticKVCache, compile: bool) -> _DecodeRunner:
