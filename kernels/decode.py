@@ -3,7 +3,13 @@
 Stage 1, grid (split, batch * kv_head): every query row of one KV group (group_size heads x
 seqlen_q tokens) is packed into one [BLOCK_M, D] tile, so each K/V block is read from memory
 once per group, and one slice of the sequence is reduced with online softmax into a partial
-output plus its log-sum-exp. Stage 2 merges the slices.
+output plus its log-sum-exp. Stage 2 merges the slices; with one split, stage 1 writes the
+output itself and stage 2 is not launched.
+
+Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no launch of its own:
+stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
+more "split" and writes them into the cache. On Hopper both stages use programmatic dependent
+launch: each starts while the kernel before it drains and waits (``gdc_wait``) before reading.
 
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
