@@ -28,13 +28,21 @@ def uses_triton(t: Tensor) -> bool:
     return t.is_cuda or _INTERPRET
 
 
-def _attend(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale):
+def _attend(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale, k_new=None, v_new=None):
+    """Dispatch to a kernel (or the CPU fallback). k_new/v_new: this step's tokens, appended to the
+    cache k/v at key_end[b] first (key_end is then cache_seqlens and key_end_offset their count)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not uses_triton(q):
+        if k_new is not None:
+            _fallback.append_kv(k_new, v_new, k, v, key_end, block_table)
         _fallback.attention(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
     elif _uses_decode(q, k):
-        attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
+        # the decode kernels write k_new/v_new into the cache themselves, in the same pass
+        attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale,
+                         k_new=k_new, v_new=v_new)
     else:
+        if k_new is not None:
+            append_kv(k_new, v_new, k, v, key_end, block_table)
         attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_table, causal, scale)
 
 
@@ -73,19 +81,10 @@ def attention_with_kv_cache_op(
     block_table: Optional[Tensor] = None,
 ) -> Tensor:
     out = _new_output(q)
-    if k is None or v is None:
-        _attend(q, k_cache, v_cache, out, None, cache_seqlens, 0, block_table, causal, scale)
-    elif uses_triton(q) and _uses_decode(q, k_cache):
-        # the decode kernel writes k/v into the cache itself, in the same pass
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        attention_decode(q, k_cache, v_cache, out, None, cache_seqlens, k.shape[2], block_table, causal, scale,
-                         k_new=k, v_new=v)
-    else:
-        if uses_triton(q):
-            append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
-        else:
-            _fallback.append_kv(k, v, k_cache, v_cache, cache_seqlens, block_table)
-        _attend(q, k_cache, v_cache, out, None, cache_seqlens, k.shape[2], block_table, causal, scale)
+    if k is None or v is None:  # the public function takes both or neither
+        k = v = None
+    appended = 0 if k is None else k.shape[2]
+    _attend(q, k_cache, v_cache, out, None, cache_seqlens, appended, block_table, causal, scale, k, v)
     return out
 
 

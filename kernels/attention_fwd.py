@@ -18,6 +18,7 @@ from .common import (
     interpreting,
     kv_descriptors,
     kv_geometry,
+    key_range,
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
@@ -74,12 +75,7 @@ def _attention_fwd_kernel(
     h = pid_bh % num_q_heads
     kv_h = h // group_size
 
-    key_end = key_capacity
-    if HAS_KEY_END:
-        key_end = tl.minimum(tl.load(KeyEnd + b) + key_end_offset, key_capacity)
-    key_start = 0
-    if HAS_KEY_START:
-        key_start = tl.maximum(tl.load(KeyStart + b), 0)
+    key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

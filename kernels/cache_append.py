@@ -11,6 +11,14 @@ from .common import interpreting, kv_geometry, kv_head_base, kv_token_offsets, n
 
 
 @triton.jit
+def new_token_slots(CacheSeqlens, b, rows, seqlen_new, key_capacity):
+    """Cache positions of new tokens ``rows`` of sequence ``b`` (from cache_seqlens[b]) and which
+    of them exist and land inside the cache; the others are never written nor attended."""
+    positions = tl.load(CacheSeqlens + b) + rows
+    return positions, (rows < seqlen_new) & (positions >= 0) & (positions < key_capacity)
+
+
+@triton.jit
 def write_new_rows(
     KNewBase,  # new K/V of one (batch, kv head): row t at KNewBase + t * stride_kn_s
     VNewBase,
@@ -28,7 +36,7 @@ def write_new_rows(
     max_pages_per_seq,
     rows,  # [BLOCK] indices of new tokens to copy
     positions,  # [BLOCK] their cache positions
-    want,  # [BLOCK] which of them to write (the caller masks the capacity)
+    want,  # [BLOCK] which of them to write (the caller masks the capacity: `new_token_slots`)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr,
@@ -84,8 +92,7 @@ def _append_kv_kernel(
     b = pid // num_kv_heads
     kv_h = pid % num_kv_heads
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    positions = tl.load(CacheSeqlens + b) + offs_s
-    want = (offs_s < seqlen_new) & (positions >= 0) & (positions < key_capacity)
+    positions, want = new_token_slots(CacheSeqlens, b, offs_s, seqlen_new, key_capacity)
 
     bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
     kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h

@@ -48,6 +48,20 @@ def kv_token_offsets(
 
 
 @triton.jit
+def key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START: tl.constexpr,
+              HAS_KEY_END: tl.constexpr):
+    """Keys [key_start, key_end) of sequence ``b``: key_end = KeyEnd[b] + key_end_offset clamped to
+    the capacity (or the capacity), key_start = max(KeyStart[b], 0) (or 0)."""
+    key_end = key_capacity
+    if HAS_KEY_END:
+        key_end = tl.minimum(tl.load(KeyEnd + b) + key_end_offset, key_capacity)
+    key_start = 0
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(KeyStart + b), 0)
+    return key_start, key_end
+
+
+@triton.jit
 def kv_head_base(ptr, b, kv_h, stride_b, stride_h, PAGED: tl.constexpr):
     """Pointer to the start of KV head `kv_h` of sequence `b` (contiguous) or of every page (paged)."""
     if PAGED:

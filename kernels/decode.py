@@ -23,13 +23,14 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E
-from .cache_append import write_new_rows
+from .cache_append import new_token_slots, write_new_rows
 from .common import (
     device_capability,
     dot_precision,
     interpreting,
     kv_descriptors,
     kv_geometry,
+    key_range,
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
@@ -100,12 +101,7 @@ def _decode_split_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_q_b + h[:, None] * stride_q_h + query_index[:, None] * stride_q_s + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    key_end = key_capacity
-    if HAS_KEY_END:
-        key_end = tl.minimum(tl.load(KeyEnd + b) + key_end_offset, key_capacity)
-    key_start = 0
-    if HAS_KEY_START:
-        key_start = tl.maximum(tl.load(KeyStart + b), 0)
+    key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
 
     # -- this program's slice of [key_start, key_end), in whole blocks
@@ -220,10 +216,8 @@ def _decode_merge_kernel(
         # Fused append: this step's tokens are one more "split", scored here from the inputs
         # (the split kernel stopped before their slots), and written into the cache below.
         kv_h = h // group_size
-        new_lo = tl.load(CacheSeqlens + b)
         rows_t = tl.arange(0, BLOCK_T)
-        pos_t = new_lo + rows_t
-        stored = (rows_t < seqlen_new) & (pos_t >= 0) & (pos_t < key_capacity)  # as append_kv masks
+        pos_t, stored = new_token_slots(CacheSeqlens, b, rows_t, seqlen_new, key_capacity)
         visible = stored
         if CAUSAL:
             visible = visible & (rows_t <= i + seqlen_new - seqlen_q)
