@@ -22,6 +22,7 @@ from .common import (
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
+    paged_row_flags,
 )
 
 LOG2_E = 1.4426950408889634
@@ -66,6 +67,8 @@ def _attention_fwd_kernel(
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    SHARED_ROWS: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     # heavy (late) query blocks first so the causal tail does not straggle
@@ -111,19 +114,19 @@ def _attention_fwd_kernel(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         lo, tl.minimum(full_lo, hi), qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
     # phase 2: interior blocks, no masking
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         full_lo, full_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
     # phase 3: the causal diagonal and the key_end tail
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, offs_m, key_start, key_end, diag,
         tl.maximum(full_hi, full_lo), hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
 
     # rows that saw no key: l = 0, acc = 0 -> output 0
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -202,6 +205,7 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
     paged = block_table is not None
     num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
     dummy = key_end if key_end is not None else q  # never read when the flag is off
+    row_flags = paged_row_flags(k, v, block_table)
 
     def launch(cfg):
         grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_q_heads)
@@ -225,6 +229,7 @@ def attention_forward(q, k, v, out, key_start, key_end, key_end_offset, block_ta
             PAGED=paged,
             DOT_PRECISION=dot_precision(q.dtype),
             TMA=descriptors is not None,
+            **row_flags,
             **cfg,
         )
 

@@ -7,7 +7,7 @@ masked against the cache capacity and, for paged caches, the pool bounds.
 import triton
 import triton.language as tl
 
-from .common import interpreting, kv_geometry, kv_head_base, kv_token_offsets, next_power_of_2
+from .common import interpreting, kv_geometry, kv_head_base, kv_rows, next_power_of_2
 
 
 @triton.jit
@@ -47,10 +47,9 @@ def write_new_rows(
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kc_rows, k_ok = kv_token_offsets(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq,
-                                     page_size, num_pages, max_pages_per_seq, PAGED)
-    vc_rows, v_ok = kv_token_offsets(block_table_row_ptr, positions, want, stride_vc_page, stride_vc_seq,
-                                     page_size, num_pages, max_pages_per_seq, PAGED)
+    kc_rows, k_ok, vc_rows, v_ok = kv_rows(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq,
+                                           stride_vc_page, stride_vc_seq, page_size, num_pages, max_pages_per_seq,
+                                           PAGED, False, True)
     k_mask = k_ok[:, None] & d_ok[None, :]
     v_mask = v_ok[:, None] & d_ok[None, :]
     k_new = tl.load(KNewBase + rows[:, None] * stride_kn_s + offs_d[None, :], mask=k_mask)

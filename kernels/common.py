@@ -26,13 +26,15 @@ def kv_token_offsets(
     num_pages,
     max_pages_per_seq,
     PAGED: tl.constexpr,
+    WIDE: tl.constexpr = True,
 ):
     """Element offsets of each token's row from the (batch, kv head) base pointer (`kv_head_base`),
     and the mask of rows that are safe to touch.
 
     A row is safe when the caller wants it and, for paged caches, its page index read from the
     block table lies inside the pool: a corrupt table can never address memory outside it.
-    Contiguous offsets stay in int32 (one head's [S, D] slab), paged ones need int64.
+    Contiguous offsets stay in int32 (one head's [S, D] slab); paged ones are int64 when WIDE (a
+    pool whose last element lies past 2**31 - 1, see `paged_row_flags`), else int32.
     """
     if PAGED:
         page_slot = positions // page_size
@@ -40,11 +42,29 @@ def kv_token_offsets(
         page = tl.load(block_table_row_ptr + page_slot, mask=in_table, other=-1)
         safe = in_table & (page >= 0) & (page < num_pages)
         page = tl.where(safe, page, 0)
-        offsets = page.to(tl.int64) * stride_page + ((positions % page_size) * stride_seq).to(tl.int64)
+        if WIDE:
+            offsets = page.to(tl.int64) * stride_page + ((positions % page_size) * stride_seq).to(tl.int64)
+        else:
+            offsets = page * stride_page + (positions % page_size) * stride_seq
     else:
         safe = valid
         offsets = positions * stride_seq
     return offsets, safe
+
+
+@triton.jit
+def kv_rows(block_table_row_ptr, positions, valid, stride_k_page, stride_k_seq, stride_v_page, stride_v_seq,
+            page_size, num_pages, max_pages_per_seq, PAGED: tl.constexpr, SHARED_ROWS: tl.constexpr,
+            WIDE_ROWS: tl.constexpr):
+    """`kv_token_offsets` of K and of V (one lookup when SHARED_ROWS): k_rows, k_ok, v_rows, v_ok."""
+    k_rows, k_ok = kv_token_offsets(block_table_row_ptr, positions, valid, stride_k_page, stride_k_seq, page_size,
+                                    num_pages, max_pages_per_seq, PAGED, WIDE_ROWS)
+    if SHARED_ROWS:
+        v_rows, v_ok = k_rows, k_ok
+    else:
+        v_rows, v_ok = kv_token_offsets(block_table_row_ptr, positions, valid, stride_v_page, stride_v_seq,
+                                        page_size, num_pages, max_pages_per_seq, PAGED, WIDE_ROWS)
+    return k_rows, k_ok, v_rows, v_ok
 
 
 @triton.jit
@@ -104,6 +124,8 @@ def online_softmax_blocks(
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    SHARED_ROWS: tl.constexpr = False,  # paged: K and V share strides, one offsets vector serves both
+    WIDE_ROWS: tl.constexpr = True,  # paged: 64-bit row offsets (`paged_row_flags`)
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -123,22 +145,28 @@ def online_softmax_blocks(
                 # slots outside the key range may hold anything (NaN too): 0 * NaN would leak
                 v = tl.where(want[:, None], v, 0.0)
         else:
-            k_rows, k_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_k_page,
-                                            stride_k_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-            v_rows, v_ok = kv_token_offsets(block_table_row_ptr, offs_n, want, stride_v_page,
-                                            stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED)
-            # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute; v: [BLOCK_N, BLOCK_D]
-            k_ptrs = K + k_rows[None, :] + offs_d[:, None]
-            v_ptrs = V + v_rows[:, None] + offs_d[None, :]
-            if MASKED or PAGED:
-                k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            elif BLOCK_D == HEAD_DIM:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+            k_rows, k_ok, v_rows, v_ok = kv_rows(
+                block_table_row_ptr, offs_n, want, stride_k_page, stride_k_seq, stride_v_page, stride_v_seq,
+                page_size, num_pages, max_pages_per_seq, PAGED, SHARED_ROWS, WIDE_ROWS)
+            if PAGED:
+                # gathered rows: both tiles [BLOCK_N, BLOCK_D] from the same row offsets, K transposed
+                # for the dot (one table lookup and one 32-bit address tile per block where it can:
+                # 6-9% faster than separate K/V offsets on the H100, NOTES.md)
+                k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0).T
+                v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
             else:
-                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+                # k: [BLOCK_D, BLOCK_N], loaded transposed so the dot needs no permute; v: [BLOCK_N, BLOCK_D]
+                k_ptrs = K + k_rows[None, :] + offs_d[:, None]
+                v_ptrs = V + v_rows[:, None] + offs_d[None, :]
+                if MASKED:
+                    k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+                elif BLOCK_D == HEAD_DIM:
+                    k = tl.load(k_ptrs)
+                    v = tl.load(v_ptrs)
+                else:
+                    k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+                    v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if MASKED:
             visible = want[None, :]
             if CAUSAL:
@@ -235,6 +263,16 @@ def kv_geometry(k_cache, block_table) -> tuple:
     num_pages, _, page_size, _ = k_cache.shape
     max_pages_per_seq = block_table.shape[1]
     return num_pages, page_size, max_pages_per_seq, max_pages_per_seq * page_size, block_table.stride(0)
+
+
+def paged_row_flags(k, v, block_table) -> dict:
+    """Constexprs of `online_softmax_blocks` for a paged pool: SHARED_ROWS when K and V have the
+    same strides (one row-offsets vector addresses both), WIDE_ROWS when an element lies past
+    2**31 - 1 (64-bit offsets). Contiguous caches get neither (their offsets are per head)."""
+    if block_table is None:
+        return dict(SHARED_ROWS=False, WIDE_ROWS=False)
+    last = max(sum((n - 1) * st for n, st in zip(t.shape, t.stride())) for t in (k, v))
+    return dict(SHARED_ROWS=tuple(k.stride()) == tuple(v.stride()), WIDE_ROWS=last >= 2**31)
 
 
 def kv_descriptors(k, v, block_table, block_n: int, block_d: int):

@@ -9,7 +9,8 @@ output itself and stage 2 is not launched.
 Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no launch of its own:
 stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
 more "split" and writes them into the cache. On Hopper both stages use programmatic dependent
-launch: each starts while the kernel before it drains and waits (``gdc_wait``) before reading.
+launch: each starts while the kernel before it drains, waits (``gdc_wait``) before reading, and
+then lets the next kernel launch in turn.
 
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
@@ -34,6 +35,7 @@ from .common import (
     kv_head_base,
     next_power_of_2,
     online_softmax_blocks,
+    paged_row_flags,
 )
 
 
@@ -82,10 +84,14 @@ def _decode_split_kernel(
     APPEND: tl.constexpr,
     DIRECT: tl.constexpr,
     PDL: tl.constexpr,
+    SHARED_ROWS: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     if PDL:
-        # launched early (programmatic dependent launch): wait for the kernels before this one
+        # launched early (programmatic dependent launch): wait for the kernels before this one,
+        # then let the next kernel launch and wait in turn (every program of this grid is resident)
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // num_kv_heads
@@ -137,12 +143,12 @@ def _decode_split_kernel(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
         lo, full_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
         tl.maximum(full_hi, lo), cache_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
@@ -150,8 +156,6 @@ def _decode_split_kernel(
         o_ptrs = Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # the merge may start launching
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         # partial buffers are contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]
         partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits + split
@@ -200,6 +204,7 @@ def _decode_merge_kernel(
 ):
     if PDL:
         tl.extra.cuda.gdc_wait()  # the split kernel's partial results
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)  # flattened (b, h, i)
     i = row % seqlen_q
     h = (row // seqlen_q) % num_q_heads
@@ -260,6 +265,24 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _split_count(programs: int, sm_count: int) -> int:
+    """Splits of each (sequence, KV head) so the grid fills the SMs about once.
+
+    One program per SM streaming with deep pipelining beat two or three (H100 sweeps, NOTES.md):
+    no merge pass when ``programs`` already fills the GPU, and otherwise the fewest splits whose
+    programs use >= 90% of a whole number of SM waves.
+    """
+    if programs >= sm_count:
+        return 1
+
+    def use(splits: int) -> float:
+        total = programs * splits
+        return total / (sm_count * triton.cdiv(total, sm_count))
+
+    choices = range(max(1, sm_count // programs), triton.cdiv(2 * sm_count, programs) + 1)
+    return next((s for s in choices if use(s) >= 0.9), max(choices, key=lambda s: (use(s), -s)))
+
+
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
             dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool) -> dict:
@@ -271,24 +294,23 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         num_splits = min(4, triton.cdiv(key_capacity, block_n))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
                     num_warps=4, num_stages=1)
-    warps = 4
-    if dtype == torch.float32:
-        block_n = 32
-    elif block_d <= 64:
-        block_n = 128
-    elif block_d <= 128 and not paged:
-        # 128-key blocks over 8 warps: as fast as 64/4 warps without an append, and keeps the
-        # fused append free where 64/4 lost ~9% on 537 MB caches (H100 sweep, NOTES.md)
-        block_n, warps = 128, 8
-    else:
-        block_n = 64 if block_d <= 128 else 32
-    # ~2 programs per SM for contiguous caches, ~3 for paged ones, whose gathered pointer loads
-    # need more programs in flight (best of the H100 sweeps, ragged batches included; NOTES.md);
-    # never slices shorter than two blocks
+    warps, stages = 4, 3
     programs = batch * num_kv_heads
-    num_splits = triton.cdiv((3 if paged else 2) * sm_count, programs)
+    block_n = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
+    if dtype == torch.float32 or block_d > 128:
+        block_n, stages = 32, 2
+    if paged:
+        # gathered pointer loads want ~3 programs per SM in flight; a third stage only pays when
+        # the sequence is split (H100 sweeps, NOTES.md)
+        num_splits = triton.cdiv(3 * sm_count, programs)
+        if block_d <= 128:
+            stages = 3 if programs < sm_count and block_d == 128 else 2
+    else:
+        # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
+        # caches but 9% slower on ragged ones, whose last long sequences stream alone)
+        num_splits = _split_count(programs, sm_count)
+    # never slices shorter than two blocks
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
-    stages = 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
                 num_warps=warps, num_stages=stages)
 
@@ -358,6 +380,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         APPEND=append,
         DIRECT=direct,
         PDL=pdl,
+        **paged_row_flags(k, v, block_table),
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

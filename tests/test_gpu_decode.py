@@ -151,6 +151,36 @@ def test_gpu_paged_matches_contiguous(case):
     assert max_err(out, contig) <= (2e-3 if dt == torch.float16 else 2e-2), str(case)
 
 
+def test_gpu_paged_pool_past_int32_offsets():
+    # a 2**31 + element pool (4.3 GB per fp16 pool): pages at its far end need 64-bit offsets
+    page_size, hkv, hq, d = 16, 1, 4, 128
+    num_pages = 2**31 // (hkv * page_size * d) + 8
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    k_pages = torch.randn((num_pages, hkv, page_size, d), generator=g, device=DEVICE, dtype=torch.float16)
+    v_pages = torch.randn((num_pages, hkv, page_size, d), generator=g, device=DEVICE, dtype=torch.float16)
+    from flashkv_ops.kernels.common import paged_row_flags
+    table = torch.tensor([[num_pages - 1, 0, num_pages - 5], [3, num_pages - 2, 1]], dtype=torch.int32,
+                         device=DEVICE)
+    assert paged_row_flags(k_pages, v_pages, table)["WIDE_ROWS"]
+    lens = torch.tensor([40, 21], dtype=torch.int32, device=DEVICE)
+    q = randn((2, hq, 1, d), torch.float16, DEVICE)
+    k = randn((2, hkv, 1, d), torch.float16, DEVICE)
+    v = randn((2, hkv, 1, d), torch.float16, DEVICE)
+    lin_k, lin_v = linearize(k_pages, v_pages, [48, 48], table)
+    want = fkv.attention_with_kv_cache(q, lin_k.clone(), lin_v.clone(), lens, k, v)
+    out = fkv.attention_with_kv_cache(q, k_pages, v_pages, lens, k, v, block_table=table)
+    assert max_err(out, want) <= 2e-3
+    # the new tokens landed at the far pages: slot 40 of sequence 0 is page num_pages - 5, slot 8
+    assert bit_equal(k_pages[num_pages - 5, :, 8], k[0, :, 0])
+    assert bit_equal(v_pages[num_pages - 2, :, 21 - 16], v[1, :, 0])
+    for s_q in (1, 5):
+        q2 = randn((2, hq, s_q, d), torch.float16, DEVICE)
+        lin_k, lin_v = linearize(k_pages, v_pages, [48, 48], table)
+        got = fkv.attention_with_kv_cache(q2, k_pages, v_pages, lens, block_table=table)
+        ref = fkv.attention_with_kv_cache(q2, lin_k, lin_v, lens)
+        assert max_err(got, ref) <= 2e-3, s_q
+
+
 # -- acceptance: GQA cache memory ------------------------------------------------------------
 
 def test_gpu_gqa_cache_is_not_repeated_in_memory():

@@ -166,6 +166,47 @@ def test_decode_empty_cache_without_new_tokens_gives_zeros():
     assert torch.equal(out[0], torch.zeros_like(out[0]))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("s_q,with_new", [(1, False), (1, True), (2, True)])
+def test_decode_with_the_split_counts_gpus_pick(monkeypatch, num_splits, s_q, with_new):
+    # On a GPU the split count follows the SM count: one split (stage 1 writes the output, no
+    # merge) when the batch fills the GPU, else a few; force both here, with uneven lengths.
+    from flashkv_ops.kernels import decode
+
+    real = decode._config
+
+    def config(*args):
+        return dict(real(*args), NUM_SPLITS=num_splits)
+
+    monkeypatch.setattr(decode, "_config", config)
+    lens = [0, 1, 129, 1019 - s_q]
+    g = torch.Generator().manual_seed(num_splits * 10 + s_q)
+    d, hkv, hq = 16, 2, 8
+    k_cache, v_cache = make_cache(len(lens), hkv, 1024, d, torch.float32, g)
+    q = randn((len(lens), hq, s_q, d), torch.float32, generator=g)
+    k = v = None
+    if with_new:
+        k = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
+        v = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
+    run_and_check(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v,
+                  what=f"splits={num_splits} s_q={s_q}")
+
+
+def test_split_count_fills_the_sms_about_once():
+    from flashkv_ops.kernels.decode import _split_count
+
+    # the H100's 132 SMs, 8 KV heads: batch 1, 2, 3, 4, 5, 8, 12, 16, 32
+    programs = (8, 16, 24, 32, 40, 64, 96, 128, 256)
+    assert [_split_count(p, 132) for p in programs] == [16, 8, 5, 4, 3, 2, 1, 1, 1]
+    for programs in range(1, 300):
+        splits = _split_count(programs, 132)
+        if programs >= 132:
+            assert splits == 1
+        else:
+            # every SM that can get a whole program gets one; never much past two per SM
+            assert 132 // programs <= splits and programs * splits <= 2 * 132 + programs, programs
+
+
 # -- in-place append semantics -----------------------------------------------------------------
 
 @pytest.mark.parametrize("s_q", [1, 3, 24])

@@ -159,6 +159,45 @@ def test_paged_split_kv_long_sequences():
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(5))
 
 
+def test_paged_k_and_v_pools_with_different_strides():
+    # v pages as a view into a wider pool: the kernels address K and V with separate row offsets
+    g = torch.Generator().manual_seed(9)
+    b, hkv, hq, d, page_size, s_q = 2, 2, 4, 32, 8, 1
+    lens_list = [37, 9]
+    k_cache = randn((b, hkv, 48, d), torch.float32, generator=g)
+    v_cache = randn((b, hkv, 48, d), torch.float32, generator=g)
+    k_pages, v_pages, table = build_paged(k_cache, v_cache, lens_list, s_q, page_size, g)
+    wide = randn((v_pages.shape[0], hkv + 1, page_size, d), torch.float32, generator=g)
+    v_view = wide[:, 1:]
+    v_view.copy_(v_pages)
+    assert v_view.stride() != k_pages.stride()
+    q = randn((b, hq, s_q, d), torch.float32, generator=g)
+    k = randn((b, hkv, s_q, d), torch.float32, generator=g)
+    v = randn((b, hkv, s_q, d), torch.float32, generator=g)
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    want_out, want_kp, want_vp = kv_cache_ref(q, k_pages, v_pages, lens, k, v, block_table=table)
+    out = fkv.attention_with_kv_cache(q, k_pages.clone(), v_view, lens, k, v, block_table=table)
+    same = fkv.attention_with_kv_cache(q, k_pages, v_pages, lens, k, v, block_table=table)
+    assert bit_equal(v_view, want_vp) and bit_equal(v_pages, want_vp)
+    assert_close_to_ref(out, want_out)
+    assert max_err(out, same) == 0.0
+
+
+def test_paged_row_flags_follow_strides_and_pool_size():
+    from flashkv_ops.kernels.common import paged_row_flags
+
+    table = torch.zeros((1, 1), dtype=torch.int32)
+    small = torch.empty((64, 8, 16, 128), device="meta")
+    assert paged_row_flags(small, small, table) == dict(SHARED_ROWS=True, WIDE_ROWS=False)
+    assert paged_row_flags(small, small, None) == dict(SHARED_ROWS=False, WIDE_ROWS=False)
+    strided = torch.empty((64, 9, 16, 128), device="meta")[:, 1:]
+    assert paged_row_flags(small, strided, table)["SHARED_ROWS"] is False
+    # one page past 2**31 elements: its last element needs 64-bit offsets
+    big = torch.empty((2**31 // (8 * 16 * 128) + 1, 8, 16, 128), device="meta")
+    assert paged_row_flags(big, big, table)["WIDE_ROWS"] is True
+    assert paged_row_flags(big[:-1], big[:-1], table)["WIDE_ROWS"] is False
+
+
 # -- bad block tables ---------------------------------------------------------------------------
 
 def _bad_table_inputs():
