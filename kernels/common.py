@@ -285,6 +285,8 @@ def kv_descriptors(k, v, block_table, block_n: int, block_d: int):
 
     if block_table is not None or not k.is_cuda or interpreting() or block_d != k.shape[-1]:
         return None
+    if 0 in k.shape:  # a descriptor needs a positive extent in every dimension
+        return None
     if TensorDescriptor is None or k.dtype not in (torch.float16, torch.bfloat16):
         return None
     if device_capability(k.device)[0] < 9:

@@ -181,6 +181,20 @@ def test_gpu_paged_pool_past_int32_offsets():
         assert max_err(got, ref) <= 2e-3, s_q
 
 
+@pytest.mark.parametrize("s_q", [1, 2, 100])
+def test_gpu_cache_of_capacity_zero(s_q):
+    # S_max = 0 and no new tokens: nothing to attend, zeros out (no TMA descriptor over an empty
+    # dimension); with new tokens the cache must hold them, so capacity 0 is a clear error
+    q = randn((1, 32, s_q, 64), torch.float16, DEVICE)
+    k_cache = torch.empty((1, 8, 0, 64), dtype=torch.float16, device=DEVICE)
+    v_cache = torch.empty_like(k_cache)
+    lens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens)
+    assert torch.equal(out, torch.zeros_like(out))
+    out = fkv.attention(q, k_cache, v_cache, causal=False)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 # -- acceptance: GQA cache memory ------------------------------------------------------------
 
 def test_gpu_gqa_cache_is_not_repeated_in_memory():
