@@ -26,7 +26,7 @@ def kv_token_offsets(
     num_pages,
     max_pages_per_seq,
     PAGED: tl.constexpr,
-    WIDE: tl.constexpr = True,
+    WIDE: tl.constexpr,
 ):
     """Element offsets of each token's row from the (batch, kv head) base pointer (`kv_head_base`),
     and the mask of rows that are safe to touch.
@@ -124,8 +124,8 @@ def online_softmax_blocks(
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    SHARED_ROWS: tl.constexpr = False,  # paged: K and V share strides, one offsets vector serves both
-    WIDE_ROWS: tl.constexpr = True,  # paged: 64-bit row offsets (`paged_row_flags`)
+    SHARED_ROWS: tl.constexpr,  # paged: K and V share strides, one offsets vector serves both
+    WIDE_ROWS: tl.constexpr,  # paged: 64-bit row offsets (`paged_row_flags`)
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 

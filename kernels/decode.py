@@ -89,7 +89,8 @@ def _decode_split_kernel(
 ):
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
-        # then let the next kernel launch and wait in turn (every program of this grid is resident)
+        # then let the next kernel launch (once every program here has passed this point) and
+        # wait in its turn
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
@@ -294,21 +295,20 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         num_splits = min(4, triton.cdiv(key_capacity, block_n))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
                     num_warps=4, num_stages=1)
-    warps, stages = 4, 3
+    warps = 4
     programs = batch * num_kv_heads
-    block_n = 128 if block_d <= 64 else 64 if block_d <= 128 else 32
-    if dtype == torch.float32 or block_d > 128:
-        block_n, stages = 32, 2
+    wide = dtype == torch.float32 or block_d > 128  # 4-byte elements or long rows: small blocks
+    block_n = 32 if wide else 128 if block_d <= 64 else 64
     if paged:
-        # gathered pointer loads want ~3 programs per SM in flight; a third stage only pays when
-        # the sequence is split (H100 sweeps, NOTES.md)
+        # gathered pointer loads want ~3 programs per SM in flight; a third stage only paid when
+        # the sequence is split, at D=128 (H100 sweeps, NOTES.md)
         num_splits = triton.cdiv(3 * sm_count, programs)
-        if block_d <= 128:
-            stages = 3 if programs < sm_count and block_d == 128 else 2
+        stages = 3 if not wide and block_d == 128 and programs < sm_count else 2
     else:
         # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
         # caches but 9% slower on ragged ones, whose last long sequences stream alone)
         num_splits = _split_count(programs, sm_count)
+        stages = 2 if wide else 3
     # never slices shorter than two blocks
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,

@@ -173,9 +173,9 @@ def test_gpu_paged_pool_past_int32_offsets():
     # the new tokens landed at the far pages: slot 40 of sequence 0 is page num_pages - 5, slot 8
     assert bit_equal(k_pages[num_pages - 5, :, 8], k[0, :, 0])
     assert bit_equal(v_pages[num_pages - 2, :, 21 - 16], v[1, :, 0])
+    lin_k, lin_v = linearize(k_pages, v_pages, [48, 48], table)  # now holding the new tokens
     for s_q in (1, 5):
         q2 = randn((2, hq, s_q, d), torch.float16, DEVICE)
-        lin_k, lin_v = linearize(k_pages, v_pages, [48, 48], table)
         got = fkv.attention_with_kv_cache(q2, k_pages, v_pages, lens, block_table=table)
         ref = fkv.attention_with_kv_cache(q2, lin_k, lin_v, lens)
         assert max_err(got, ref) <= 2e-3, s_q
