@@ -485,7 +485,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timing", choices=("graph", "do_bench"), default="graph")
     parser.add_argument("--graph-calls", type=int, default=20,
                         help="calls captured per CUDA graph (default %(default)s)")
-    parser.add_argument("--replays", type=int, default=10,
+    parser.add_argument("--replays", type=int, default=30,
                         help="timed graph replays; the median is reported (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true",

@@ -379,7 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-chunked", action="store_true", help="skip the chunked-prefill case")
     parser.add_argument("--timing", choices=("graph", "do_bench"), default="graph")
     parser.add_argument("--graph-calls", type=int, default=5, help="calls captured per graph (--timing graph)")
-    parser.add_argument("--replays", type=int, default=10, help="timed graph replays (--timing graph)")
+    parser.add_argument("--replays", type=int, default=30, help="timed graph replays (--timing graph)")
     parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time")
     parser.add_argument("--warm-triton-cache", action="store_true",

@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS: dict[str, tuple[str, str, Callable[[Sequence[dict[str, Any]]], str]]] = {
     "decode": (
         "Decode attention against a KV cache",
-        "One query token per sequence, CUDA-graph replay timing. GB/s and % count the K/V bytes "
+        "One query token per sequence, CUDA-graph replay timing (20 calls per graph, replays queued "
+        "back to back, median of 30). GB/s and % count the K/V bytes "
         f"each sequence actually holds (plus q and output) against the {common.BANDWIDTH_LABEL} "
         "the H100 reaches; \"vs cuDNN\" is SDPA cuDNN's time over the provider's (paged rows: "
         "over cuDNN on the contiguous cache).",
@@ -35,7 +36,9 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Sequence[dict[str, Any]]], str]]] 
     ),
     "prefill": (
         "Prefill attention",
-        "CUDA-graph replay timing (GPU time, no host launch path; `--timing do_bench` for eager "
+        "CUDA-graph replay timing (GPU time, no host launch path; these rows were taken with a "
+        "synchronisation after every replay, which counts the host's graph-launch gap, 0.3–0.8 µs "
+        "a call where measured on decode shapes; `--timing do_bench` for eager "
         "calls); TFLOP/s = 4·B·H_q·S_q·S_k·D / t with causal work "
         "counted as half. \"first call\" is the first call's wall time (Triton compilation and "
         "autotuning for flashkv, plan building for cuDNN). The table holds the issue's target "

@@ -68,6 +68,31 @@ def kv_rows(block_table_row_ptr, positions, valid, stride_k_page, stride_k_seq, 
 
 
 @triton.jit
+def prefetch_kv_to_l2(K, V, block_table_row_ptr, positions, stride_k_page, stride_k_seq, stride_v_page, stride_v_seq,
+                      page_size, num_pages, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, PAGED: tl.constexpr):
+    """Ask the L2 to start fetching the K/V rows of ``positions`` (valid positions of the cache):
+    LINES 128-byte lines of LINE_ELEMS elements from the start of each row. Moves nothing into
+    registers, so nothing waits on it; page indices outside the pool become page 0."""
+    if PAGED:
+        page = tl.load(block_table_row_ptr + positions // page_size)
+        page = tl.where((page >= 0) & (page < num_pages), page, 0).to(tl.int64)
+        k_rows = page * stride_k_page + (positions % page_size) * stride_k_seq
+        v_rows = page * stride_v_page + (positions % page_size) * stride_v_seq
+    else:
+        k_rows = positions.to(tl.int64) * stride_k_seq
+        v_rows = positions.to(tl.int64) * stride_v_seq
+    line = tl.arange(0, LINES) * LINE_ELEMS
+    _l2_prefetch(K + k_rows[:, None] + line[None, :])
+    _l2_prefetch(V + v_rows[:, None] + line[None, :])
+
+
+@triton.jit
+def _l2_prefetch(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START: tl.constexpr,
               HAS_KEY_END: tl.constexpr):
     """Keys [key_start, key_end) of sequence ``b``: key_end = KeyEnd[b] + key_end_offset clamped to

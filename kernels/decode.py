@@ -36,6 +36,7 @@ from .common import (
     next_power_of_2,
     online_softmax_blocks,
     paged_row_flags,
+    prefetch_kv_to_l2,
 )
 
 
@@ -86,6 +87,9 @@ def _decode_split_kernel(
     PDL: tl.constexpr,
     SHARED_ROWS: tl.constexpr,
     WIDE_ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
+    PREFETCH_LINE_ELEMS: tl.constexpr,
 ):
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
@@ -97,6 +101,15 @@ def _decode_split_kernel(
     pid = tl.program_id(1)
     b = pid // num_kv_heads
     kv_h = pid % num_kv_heads
+    if PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
+        # Split 0 starts at key 0 whatever the lengths: ask the L2 for its first block before
+        # reading them, so the first bulk copies do not wait on that load (-0.4 to -0.6 us on
+        # 67-134 MB caches, NOTES.md). Slots past the length are valid memory, merely unused.
+        prefetch_kv_to_l2(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED),
+                          kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED),
+                          BlockTable + b.to(tl.int64) * stride_bt_b,
+                          tl.minimum(tl.arange(0, BLOCK_N), key_capacity - 1), stride_k_b, stride_k_s, stride_v_b,
+                          stride_v_s, page_size, num_pages, PREFETCH_LINES, PREFETCH_LINE_ELEMS, PAGED)
 
     # -- packed rows: row r is query head kv_h * group_size + r // seqlen_q, token r % seqlen_q
     rows = tl.arange(0, BLOCK_M)
@@ -299,11 +312,14 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     programs = batch * num_kv_heads
     wide = dtype == torch.float32 or block_d > 128  # 4-byte elements or long rows: small blocks
     block_n = 32 if wide else 128 if block_d <= 64 else 64
-    if paged:
-        # gathered pointer loads want ~3 programs per SM in flight; a third stage only paid when
-        # the sequence is split, at D=128 (H100 sweeps, NOTES.md)
+    if paged and not wide and block_d == 128 and programs < sm_count:
+        # few long sequences: 128-key blocks, two stages, ~2 programs per SM (1x32k: 51.7 us against
+        # 52.7 with 64-key blocks, 3 stages and ~3 programs per SM; H100 sweep, NOTES.md)
+        block_n, num_splits, stages = 128, triton.cdiv(2 * sm_count, programs), 2
+    elif paged:
+        # gathered pointer loads want ~3 programs per SM in flight (H100 sweeps, NOTES.md)
         num_splits = triton.cdiv(3 * sm_count, programs)
-        stages = 3 if not wide and block_d == 128 and programs < sm_count else 2
+        stages = 2
     else:
         # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
         # caches but 9% slower on ragged ones, whose last long sequences stream alone)
@@ -317,9 +333,18 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
 
 # Stage 1 reads K/V through TMA descriptors where kv_descriptors allows (Hopper, contiguous cache)
 DECODE_TMA = True
+# CUDA: split 0 of each sequence asks the L2 for its first key block before reading the lengths
+DECODE_PREFETCH = True
 # Hopper and newer: launch both kernels with programmatic dependent launch, so each one's launch
 # overlaps the tail of the kernel before it (each waits on it before reading anything)
 DECODE_PDL = True
+
+
+def _prefetch_lines(head_dim: int, element_size: int) -> dict:
+    """128-byte L2 lines per K/V row (a power of two, at most the row) and the elements in each."""
+    line_elems = max(1, 128 // element_size)
+    lines = max(1, head_dim // line_elems)
+    return dict(PREFETCH_LINES=1 << (lines.bit_length() - 1), PREFETCH_LINE_ELEMS=line_elems)
 
 
 def decode_packed_rows(num_q_heads: int, num_kv_heads: int, seqlen_q: int) -> int:
@@ -381,6 +406,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         DIRECT=direct,
         PDL=pdl,
         **paged_row_flags(k, v, block_table),
+        PREFETCH=DECODE_PREFETCH and not interpret and q.device.type == "cuda" and torch.version.hip is None,
+        **_prefetch_lines(head_dim, k.element_size()),
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
