@@ -207,6 +207,35 @@ def test_split_count_fills_the_sms_about_once():
             assert 132 // programs <= splits and programs * splits <= 2 * 132 + programs, programs
 
 
+
+def test_decode_tile_choices_from_static_shapes():
+    import torch as _torch
+
+    from flashkv_ops.kernels.decode import _config, _prefetch_lines
+
+    # the L2 prefetch touches whole 128-byte lines inside each row, never past it
+    assert _prefetch_lines(64, 2) == dict(PREFETCH_LINES=1, PREFETCH_LINE_ELEMS=64)
+    assert _prefetch_lines(128, 2) == dict(PREFETCH_LINES=2, PREFETCH_LINE_ELEMS=64)
+    assert _prefetch_lines(96, 2) == dict(PREFETCH_LINES=1, PREFETCH_LINE_ELEMS=64)
+    assert _prefetch_lines(192, 2) == dict(PREFETCH_LINES=2, PREFETCH_LINE_ELEMS=64)
+    assert _prefetch_lines(32, 2) == dict(PREFETCH_LINES=1, PREFETCH_LINE_ELEMS=64)
+    assert _prefetch_lines(128, 4) == dict(PREFETCH_LINES=4, PREFETCH_LINE_ELEMS=32)
+    for d in range(8, 260, 8):
+        for size in (2, 4):
+            lines = _prefetch_lines(d, size)
+            assert lines["PREFETCH_LINES"] * lines["PREFETCH_LINE_ELEMS"] <= max(d, lines["PREFETCH_LINE_ELEMS"])
+
+    # H100 (132 SMs), fp16: one long sequence on a paged pool at D=128 -> 128-key blocks, two
+    # stages, ~2 programs per SM; full batches and D=64 keep ~3 per SM; contiguous ~1 per SM
+    args = (1, 8, 4, 32768, 128, _torch.float16)
+    assert _config(*args, True, 132, False) == dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=128, NUM_SPLITS=33,
+                                                    num_warps=4, num_stages=2)
+    assert _config(32, 8, 4, 4096, 128, _torch.float16, True, 132, False)["NUM_SPLITS"] == 2
+    assert _config(32, 8, 4, 4096, 128, _torch.float16, True, 132, False)["BLOCK_N"] == 64
+    assert _config(16, 8, 1, 2048, 64, _torch.float16, True, 132, False)["NUM_SPLITS"] == 4
+    assert _config(*args, False, 132, False)["NUM_SPLITS"] == 16
+    assert _config(1, 8, 4, 32768, 128, _torch.float32, True, 132, False)["BLOCK_N"] == 32
+
 # -- in-place append semantics -----------------------------------------------------------------
 
 @pytest.mark.parametrize("s_q", [1, 3, 24])
