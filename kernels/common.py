@@ -69,18 +69,15 @@ def kv_rows(block_table_row_ptr, positions, valid, stride_k_page, stride_k_seq, 
 
 @triton.jit
 def prefetch_kv_to_l2(K, V, block_table_row_ptr, positions, stride_k_page, stride_k_seq, stride_v_page, stride_v_seq,
-                      page_size, num_pages, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, PAGED: tl.constexpr):
-    """Ask the L2 to start fetching the K/V rows of ``positions`` (valid positions of the cache):
-    LINES 128-byte lines of LINE_ELEMS elements from the start of each row. Moves nothing into
-    registers, so nothing waits on it; page indices outside the pool become page 0."""
-    if PAGED:
-        page = tl.load(block_table_row_ptr + positions // page_size)
-        page = tl.where((page >= 0) & (page < num_pages), page, 0).to(tl.int64)
-        k_rows = page * stride_k_page + (positions % page_size) * stride_k_seq
-        v_rows = page * stride_v_page + (positions % page_size) * stride_v_seq
-    else:
-        k_rows = positions.to(tl.int64) * stride_k_seq
-        v_rows = positions.to(tl.int64) * stride_v_seq
+                      page_size, num_pages, max_pages_per_seq, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
+                      PAGED: tl.constexpr, SHARED_ROWS: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """Ask the L2 to start fetching the K/V rows of ``positions`` (positions inside the cache's
+    capacity): LINES 128-byte lines of LINE_ELEMS elements from the start of each row. Moves
+    nothing into registers, so nothing waits on it. Rows come from `kv_rows`, whose offsets for
+    pages outside the pool point at page 0, so every hint stays inside the pool."""
+    k_rows, _, v_rows, _ = kv_rows(block_table_row_ptr, positions, positions >= 0, stride_k_page, stride_k_seq,
+                                   stride_v_page, stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED,
+                                   SHARED_ROWS, WIDE_ROWS)
     line = tl.arange(0, LINES) * LINE_ELEMS
     _l2_prefetch(K + k_rows[:, None] + line[None, :])
     _l2_prefetch(V + v_rows[:, None] + line[None, :])

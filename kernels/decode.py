@@ -109,7 +109,8 @@ def _decode_split_kernel(
                           kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED),
                           BlockTable + b.to(tl.int64) * stride_bt_b,
                           tl.minimum(tl.arange(0, BLOCK_N), key_capacity - 1), stride_k_b, stride_k_s, stride_v_b,
-                          stride_v_s, page_size, num_pages, PREFETCH_LINES, PREFETCH_LINE_ELEMS, PAGED)
+                          stride_v_s, page_size, num_pages, max_pages_per_seq, PREFETCH_LINES, PREFETCH_LINE_ELEMS,
+                          PAGED, SHARED_ROWS, WIDE_ROWS)
 
     # -- packed rows: row r is query head kv_h * group_size + r // seqlen_q, token r % seqlen_q
     rows = tl.arange(0, BLOCK_M)
