@@ -47,7 +47,7 @@ def _attention_fwd_kernel(
     key_capacity,  # S_k (contiguous) or max_pages_per_seq * page_size (paged)
     key_end_offset,  # added to KeyEnd[b] (the new-token count when attending over a cache)
     qk_scale,
-    page_size,
+    page_size: tl.constexpr,  # 1 for contiguous caches
     num_pages,
     max_pages_per_seq,
     # -- strides

@@ -71,7 +71,7 @@ def _append_kv_kernel(
     num_kv_heads,
     seqlen_new,
     key_capacity,
-    page_size,
+    page_size: tl.constexpr,
     num_pages,
     max_pages_per_seq,
     # -- strides

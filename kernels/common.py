@@ -16,6 +16,28 @@ except ImportError:  # triton < 3.4: pointer loads only
 
 
 @triton.jit
+def page_entries(block_table_row_ptr, positions, valid, page_size, max_pages_per_seq):
+    """block_table[b, p // page_size] of each position p: the page holding it, -1 where the caller
+    does not want it or the table has no column for it."""
+    page_slot = positions // page_size
+    return tl.load(block_table_row_ptr + page_slot, mask=valid & (page_slot < max_pages_per_seq), other=-1)
+
+
+@triton.jit
+def page_rows(page, positions, stride_page, stride_seq, page_size, num_pages, WIDE: tl.constexpr):
+    """Element offsets of each position's row inside its page (`page_entries`), and whether that
+    page lies inside the pool; rows of pages outside it point into page 0, so they stay in the pool.
+    int64 when WIDE (a pool whose last element lies past 2**31 - 1, see `paged_row_flags`)."""
+    in_pool = (page >= 0) & (page < num_pages)
+    page = tl.where(in_pool, page, 0)
+    if WIDE:
+        offsets = page.to(tl.int64) * stride_page + ((positions % page_size) * stride_seq).to(tl.int64)
+    else:
+        offsets = page * stride_page + (positions % page_size) * stride_seq
+    return offsets, in_pool
+
+
+@triton.jit
 def kv_token_offsets(
     block_table_row_ptr,  # int32 pointer to block_table[b, :] (unused when not PAGED)
     positions,  # [BLOCK] logical positions within the sequence
@@ -33,19 +55,11 @@ def kv_token_offsets(
 
     A row is safe when the caller wants it and, for paged caches, its page index read from the
     block table lies inside the pool: a corrupt table can never address memory outside it.
-    Contiguous offsets stay in int32 (one head's [S, D] slab); paged ones are int64 when WIDE (a
-    pool whose last element lies past 2**31 - 1, see `paged_row_flags`), else int32.
+    Contiguous offsets stay in int32 (one head's [S, D] slab); paged ones follow `page_rows`.
     """
     if PAGED:
-        page_slot = positions // page_size
-        in_table = valid & (page_slot < max_pages_per_seq)
-        page = tl.load(block_table_row_ptr + page_slot, mask=in_table, other=-1)
-        safe = in_table & (page >= 0) & (page < num_pages)
-        page = tl.where(safe, page, 0)
-        if WIDE:
-            offsets = page.to(tl.int64) * stride_page + ((positions % page_size) * stride_seq).to(tl.int64)
-        else:
-            offsets = page * stride_page + (positions % page_size) * stride_seq
+        page = page_entries(block_table_row_ptr, positions, valid, page_size, max_pages_per_seq)
+        offsets, safe = page_rows(page, positions, stride_page, stride_seq, page_size, num_pages, WIDE)
     else:
         safe = valid
         offsets = positions * stride_seq
@@ -79,12 +93,12 @@ def prefetch_kv_to_l2(K, V, block_table_row_ptr, positions, stride_k_page, strid
                                    stride_v_page, stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED,
                                    SHARED_ROWS, WIDE_ROWS)
     line = tl.arange(0, LINES) * LINE_ELEMS
-    _l2_prefetch(K + k_rows[:, None] + line[None, :])
-    _l2_prefetch(V + v_rows[:, None] + line[None, :])
+    l2_prefetch(K + k_rows[:, None] + line[None, :])
+    l2_prefetch(V + v_rows[:, None] + line[None, :])
 
 
 @triton.jit
-def _l2_prefetch(ptrs):
+def l2_prefetch(ptrs):
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
 
@@ -148,6 +162,7 @@ def online_softmax_blocks(
     TMA: tl.constexpr,
     SHARED_ROWS: tl.constexpr,  # paged: K and V share strides, one offsets vector serves both
     WIDE_ROWS: tl.constexpr,  # paged: 64-bit row offsets (`paged_row_flags`)
+    TABLE_AHEAD: tl.constexpr = False,  # paged: read the block table one block ahead (decode)
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -156,10 +171,29 @@ def online_softmax_blocks(
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    if PAGED and TABLE_AHEAD:
+        next_pages = page_entries(block_table_row_ptr, lo + tl.arange(0, BLOCK_N), lo + tl.arange(0, BLOCK_N) < hi,
+                                  page_size, max_pages_per_seq)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         want = (offs_n >= key_start) & (offs_n < key_end)
-        if TMA:
+        if PAGED and TABLE_AHEAD:
+            # the table is read one block ahead, so the pipeliner can issue each block's gathers
+            # stages early without waiting on it; rows of pages outside the pool read page 0
+            # (garbage for a corrupt table, never memory outside the pool)
+            pages = next_pages
+            next_pages = page_entries(block_table_row_ptr, offs_n + BLOCK_N, offs_n + BLOCK_N < hi, page_size,
+                                      max_pages_per_seq)
+            k_rows, _ = page_rows(pages, offs_n, stride_k_page, stride_k_seq, page_size, num_pages, WIDE_ROWS)
+            v_rows = k_rows
+            if not SHARED_ROWS:
+                v_rows, _ = page_rows(pages, offs_n, stride_v_page, stride_v_seq, page_size, num_pages, WIDE_ROWS)
+            rows_mask = d_ok[None, :]
+            if MASKED:
+                rows_mask = want[:, None] & d_ok[None, :]
+            k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0).T
+            v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0)
+        elif TMA:
             # Hopper bulk copies; rows past S come back as zeros
             k = k_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T
             v = v_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)

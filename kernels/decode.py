@@ -33,6 +33,7 @@ from .common import (
     kv_geometry,
     key_range,
     kv_head_base,
+    l2_prefetch,
     next_power_of_2,
     online_softmax_blocks,
     paged_row_flags,
@@ -61,7 +62,7 @@ def _decode_split_kernel(
     key_capacity,
     key_end_offset,
     qk_scale,
-    page_size,
+    page_size: tl.constexpr,  # 1 for contiguous caches; a constant so page arithmetic is shifts and masks
     num_pages,
     max_pages_per_seq,
     num_splits,
@@ -90,17 +91,26 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
     PREFETCH_LINE_ELEMS: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr,
+    TABLE_LINES: tl.constexpr,
 ):
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // num_kv_heads
+    kv_h = pid % num_kv_heads
+    if PAGED and TABLE_LINES > 0 and key_capacity > 0:
+        # The block-table lines of this program's slice (placed as if every sequence were full:
+        # the lengths cannot be read yet), asked of the L2 while the kernel before this one drains.
+        # A hint only: it moves nothing into registers and stays inside the table.
+        slice_keys = tl.cdiv(tl.cdiv(key_capacity, num_splits), BLOCK_N) * BLOCK_N
+        entries = tl.minimum(split * slice_keys // page_size + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1)
+        l2_prefetch(BlockTable + b.to(tl.int64) * stride_bt_b + entries)
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
         # wait in its turn
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = pid // num_kv_heads
-    kv_h = pid % num_kv_heads
     if PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
         # Split 0 starts at key 0 whatever the lengths: ask the L2 for its first block before
         # reading them, so the first bulk copies do not wait on that load (-0.4 to -0.6 us on
@@ -158,12 +168,14 @@ def _decode_split_kernel(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
         lo, full_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
+        TABLE_AHEAD)
     acc, l_i, m_i = online_softmax_blocks(
         acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
         page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
         tl.maximum(full_hi, lo), cache_hi, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS)
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
+        TABLE_AHEAD)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
@@ -198,7 +210,7 @@ def _decode_merge_kernel(
     seqlen_new,
     key_capacity,
     qk_scale,
-    page_size,
+    page_size: tl.constexpr,
     num_pages,
     max_pages_per_seq,
     stride_o_b, stride_o_h, stride_o_s,
@@ -304,31 +316,33 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     """Tile sizes and the split count, from static information only (never from lengths)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
+    # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
+    # with synchronous gathers, see below)
+    table_ahead = paged and dtype != torch.float32
     if interpret:
         block_n = 16
         num_splits = min(4, triton.cdiv(key_capacity, block_n))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=max(1, num_splits),
-                    num_warps=4, num_stages=1)
+                    TABLE_AHEAD=table_ahead, num_warps=4, num_stages=1)
     warps = 4
     programs = batch * num_kv_heads
     wide = dtype == torch.float32 or block_d > 128  # 4-byte elements or long rows: small blocks
+    # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
+    # contiguous caches but 9% slower on ragged ones, whose last long sequences stream alone)
+    num_splits = _split_count(programs, sm_count)
+    stages = 2 if wide else 3
     block_n = 32 if wide else 128 if block_d <= 64 else 64
-    if paged and not wide and block_d == 128 and programs < sm_count:
-        # few long sequences: 128-key blocks, two stages, ~2 programs per SM (1x32k: 51.7 us against
-        # 52.7 with 64-key blocks, 3 stages and ~3 programs per SM; H100 sweep, NOTES.md)
-        block_n, num_splits, stages = 128, triton.cdiv(2 * sm_count, programs), 2
+    if table_ahead:
+        # gathers with the table read a block ahead pipeline like the bulk copies: three stages
+        # (two leave a single buffer), 128-key blocks up to D=128 (H100 sweeps, NOTES.md)
+        block_n, stages = (32 if wide else 128), 3
     elif paged:
-        # gathered pointer loads want ~3 programs per SM in flight (H100 sweeps, NOTES.md)
-        num_splits = triton.cdiv(3 * sm_count, programs)
-        stages = 2
-    else:
-        # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
-        # caches but 9% slower on ragged ones, whose last long sequences stream alone)
-        num_splits = _split_count(programs, sm_count)
-        stages = 2 if wide else 3
+        # float32 pools: synchronous gathers, ~3 programs per SM to keep loads in flight (5% faster
+        # than the table read ahead there)
+        num_splits, stages = triton.cdiv(3 * sm_count, programs), 2
     # never slices shorter than two blocks
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, TABLE_AHEAD=table_ahead,
                 num_warps=warps, num_stages=stages)
 
 
@@ -339,6 +353,8 @@ DECODE_PREFETCH = True
 # Hopper and newer: launch both kernels with programmatic dependent launch, so each one's launch
 # overlaps the tail of the kernel before it (each waits on it before reading anything)
 DECODE_PDL = True
+# Paged caches: ask the L2 for each program's block-table lines before waiting on the kernel before
+DECODE_TABLE_PREFETCH = True
 
 
 def _prefetch_lines(head_dim: int, element_size: int) -> dict:
@@ -346,6 +362,13 @@ def _prefetch_lines(head_dim: int, element_size: int) -> dict:
     line_elems = max(1, 128 // element_size)
     lines = max(1, head_dim // line_elems)
     return dict(PREFETCH_LINES=1 << (lines.bit_length() - 1), PREFETCH_LINE_ELEMS=line_elems)
+
+
+def _table_lines(key_capacity: int, num_splits: int, block_n: int, page_size: int) -> int:
+    """128-byte lines of block-table entries (32 int32) covering one program's slice, a power of two
+    (one more line for a slice that starts mid-line), at most 64."""
+    slice_keys = triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n
+    return min(64, next_power_of_2(triton.cdiv(triton.cdiv(slice_keys, page_size), 32) + 1))
 
 
 def decode_packed_rows(num_q_heads: int, num_kv_heads: int, seqlen_q: int) -> int:
@@ -409,6 +432,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         **paged_row_flags(k, v, block_table),
         PREFETCH=DECODE_PREFETCH and not interpret and q.device.type == "cuda" and torch.version.hip is None,
         **_prefetch_lines(head_dim, k.element_size()),
+        TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size) if paged and DECODE_TABLE_PREFETCH
+        and not interpret else 0,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

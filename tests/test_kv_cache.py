@@ -225,16 +225,39 @@ def test_decode_tile_choices_from_static_shapes():
             lines = _prefetch_lines(d, size)
             assert lines["PREFETCH_LINES"] * lines["PREFETCH_LINE_ELEMS"] <= max(d, lines["PREFETCH_LINE_ELEMS"])
 
-    # H100 (132 SMs), fp16: one long sequence on a paged pool at D=128 -> 128-key blocks, two
-    # stages, ~2 programs per SM; full batches and D=64 keep ~3 per SM; contiguous ~1 per SM
+    # H100 (132 SMs), 16-bit paged pools: the table read a block ahead, about one program per SM
+    # like contiguous caches, 128-key blocks up to D=128, three stages
     args = (1, 8, 4, 32768, 128, _torch.float16)
-    assert _config(*args, True, 132, False) == dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=128, NUM_SPLITS=33,
-                                                    num_warps=4, num_stages=2)
-    assert _config(32, 8, 4, 4096, 128, _torch.float16, True, 132, False)["NUM_SPLITS"] == 2
-    assert _config(32, 8, 4, 4096, 128, _torch.float16, True, 132, False)["BLOCK_N"] == 64
-    assert _config(16, 8, 1, 2048, 64, _torch.float16, True, 132, False)["NUM_SPLITS"] == 4
-    assert _config(*args, False, 132, False)["NUM_SPLITS"] == 16
-    assert _config(1, 8, 4, 32768, 128, _torch.float32, True, 132, False)["BLOCK_N"] == 32
+    assert _config(*args, True, 132, False) == dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=128, NUM_SPLITS=16,
+                                                    TABLE_AHEAD=True, num_warps=4, num_stages=3)
+    assert _config(*args, False, 132, False) == dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, NUM_SPLITS=16,
+                                                     TABLE_AHEAD=False, num_warps=4, num_stages=3)
+    assert _config(16, 8, 1, 2048, 64, _torch.float16, True, 132, False)["NUM_SPLITS"] == 1
+    assert _config(8, 4, 8, 8192, 64, _torch.bfloat16, True, 132, False)["NUM_SPLITS"] == 4
+    assert _config(4, 1, 8, 4096, 256, _torch.float16, True, 132, False)["BLOCK_N"] == 32
+    # float32 pools keep synchronous gathers, ~3 programs per SM, two stages
+    fp32 = _config(1, 8, 4, 32768, 128, _torch.float32, True, 132, False)
+    assert (fp32["TABLE_AHEAD"], fp32["BLOCK_N"], fp32["NUM_SPLITS"], fp32["num_stages"]) == (False, 32, 50, 2)
+    # the interpreter takes the same path choice
+    assert _config(2, 2, 1, 64, 16, _torch.float16, True, 1, True)["TABLE_AHEAD"]
+    assert not _config(2, 2, 1, 64, 16, _torch.float32, True, 1, True)["TABLE_AHEAD"]
+
+
+def test_block_table_prefetch_covers_each_slice():
+    from flashkv_ops.kernels.decode import _table_lines
+
+    # lines of 32 entries from the slice's first entry: enough for every page the slice touches
+    # (one more when it starts mid-line), a power of two, never more than 64
+    for capacity, splits, block_n, page_size in [(2048, 1, 128, 16), (8192, 4, 128, 16), (32768, 16, 128, 16),
+                                                  (4096, 1, 128, 1), (100, 3, 32, 7), (16, 1, 128, 16)]:
+        lines = _table_lines(capacity, splits, block_n, page_size)
+        slice_keys = -(-(-(-capacity // splits)) // block_n) * block_n
+        pages = -(-slice_keys // page_size)
+        assert lines & (lines - 1) == 0 and 1 <= lines <= 64
+        assert lines * 32 >= min(pages + 31, 64 * 32)
+    assert _table_lines(2048, 1, 128, 16) == 8  # 128 entries: 4 lines + 1 for the offset, rounded up
+    assert _table_lines(4096, 1, 128, 1) == 64  # capped
+
 
 # -- in-place append semantics -----------------------------------------------------------------
 
