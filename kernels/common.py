@@ -1,7 +1,9 @@
 """Where a key/value token lives: contiguous caches and paged pools behind one helper.
 
-Every kernel that reads or writes K/V goes through `kv_token_offsets`, so the paged layout
-(`block_table[b, p // page_size]`, slot `p % page_size`) and its bounds masking are written once.
+Every kernel that reads or writes K/V goes through `kv_token_offsets` (or its two halves,
+`page_entries` and `page_rows`, where decode reads the table a block ahead of the rows), so the
+paged layout (`block_table[b, p // page_size]`, slot `p % page_size`) and its bounds checks are
+written once.
 """
 
 import functools

@@ -12,6 +12,11 @@ more "split" and writes them into the cache. On Hopper both stages use programma
 launch: each starts while the kernel before it drains, waits (``gdc_wait``) before reading, and
 then lets the next kernel launch in turn.
 
+Paged pools gather K/V rows through the block table, which stage 1 reads one key block ahead
+of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
+stages early instead of waiting on the table; the table lines of each program's slice are asked
+of the L2 before the wait on the previous kernel.
+
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
 device-side length, so work is proportional to the tokens each sequence holds.
