@@ -342,7 +342,7 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         # (two leave a single buffer), 128-key blocks up to D=128 (H100 sweeps, NOTES.md)
         block_n, stages = (32 if wide else 128), 3
     elif paged:
-        # float32 pools: synchronous gathers, ~3 programs per SM to keep loads in flight (5% faster
+        # float32 pools: synchronous gathers, ~3 programs per SM to keep loads in flight (2-5% faster
         # than the table read ahead there)
         num_splits, stages = triton.cdiv(3 * sm_count, programs), 2
     # never slices shorter than two blocks
@@ -412,6 +412,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     dummy = key_end if key_end is not None else q  # never read when its flag is off
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
+    l2_hints = not interpret and q.device.type == "cuda" and torch.version.hip is None  # PTX prefetches
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
@@ -435,10 +436,10 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         DIRECT=direct,
         PDL=pdl,
         **paged_row_flags(k, v, block_table),
-        PREFETCH=DECODE_PREFETCH and not interpret and q.device.type == "cuda" and torch.version.hip is None,
+        PREFETCH=DECODE_PREFETCH and l2_hints,
         **_prefetch_lines(head_dim, k.element_size()),
-        TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size) if paged and DECODE_TABLE_PREFETCH
-        and not interpret else 0,
+        TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size)
+        if paged and DECODE_TABLE_PREFETCH and l2_hints else 0,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
