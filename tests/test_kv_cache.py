@@ -392,19 +392,21 @@ def test_op_without_checks_writes_only_slots_inside_the_cache(s_q):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # decode: synchronous gathers / table ahead
 @pytest.mark.parametrize("s_q", [1, 20])
-def test_op_without_checks_never_writes_outside_the_page_pool(s_q):
+def test_op_without_checks_never_writes_outside_the_page_pool(s_q, dtype):
     torch.manual_seed(1)
     num_pages, heads, page_size, dim = 6, 2, 4, 16
-    pool = torch.randn(num_pages + 2, heads, page_size, dim)  # the last two pages lie outside
+    pool = torch.randn(num_pages + 2, heads, page_size, dim).to(dtype)  # the last two pages lie outside
     k_pages, v_pages = pool[:num_pages], pool.clone()[:num_pages]
     before_pool, before_v = pool.clone(), v_pages.clone()
     # sequence 0 maps its pages outside the pool (past the end, negative); sequence 1 is valid
     table = torch.tensor([[num_pages, num_pages + 1, -1, 7, 9, 10], [0, 1, 2, 3, 4, 5]], dtype=torch.int32)
-    q = torch.randn(2, 2, s_q, dim)
-    k, v = torch.randn(2, heads, s_q, dim), torch.randn(2, heads, s_q, dim)
+    q = torch.randn(2, 2, s_q, dim).to(dtype)
+    k, v = torch.randn(2, heads, s_q, dim).to(dtype), torch.randn(2, heads, s_q, dim).to(dtype)
     seqlens = torch.tensor([2, 1], dtype=torch.int32)
-    torch.ops.flashkv.attention_with_kv_cache(q, k_pages, v_pages, seqlens, k, v, block_table=table)
+    out = torch.ops.flashkv.attention_with_kv_cache(q, k_pages, v_pages, seqlens, k, v, block_table=table)
+    assert torch.isfinite(out[1]).all()  # the valid sequence still gets a finite result
     # nothing of sequence 0 landed anywhere, in the pool or beyond it
     assert torch.equal(pool[num_pages:], before_pool[num_pages:])
     changed = (pool[:num_pages] != before_pool[:num_pages]).flatten(1).any(1).nonzero().flatten().tolist()
