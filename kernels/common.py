@@ -174,8 +174,8 @@ def online_softmax_blocks(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     if PAGED and TABLE_AHEAD:
-        next_pages = page_entries(block_table_row_ptr, lo + tl.arange(0, BLOCK_N), lo + tl.arange(0, BLOCK_N) < hi,
-                                  page_size, max_pages_per_seq)
+        first = lo + tl.arange(0, BLOCK_N)
+        next_pages = page_entries(block_table_row_ptr, first, first < hi, page_size, max_pages_per_seq)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         want = (offs_n >= key_start) & (offs_n < key_end)

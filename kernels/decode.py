@@ -47,6 +47,12 @@ from .common import (
 
 
 @triton.jit
+def _slice_keys(span, num_splits, BLOCK_N: tl.constexpr):
+    """Keys of each split's slice of ``span`` keys, in whole blocks (`_table_lines` on the host)."""
+    return tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     # -- pointers
     Q,
@@ -103,13 +109,13 @@ def _decode_split_kernel(
     pid = tl.program_id(1)
     b = pid // num_kv_heads
     kv_h = pid % num_kv_heads
+    bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
     if PAGED and TABLE_LINES > 0 and key_capacity > 0:
         # The block-table lines of this program's slice (placed as if every sequence were full:
         # the lengths cannot be read yet), asked of the L2 while the kernel before this one drains.
         # A hint only: it moves nothing into registers and stays inside the table.
-        slice_keys = tl.cdiv(tl.cdiv(key_capacity, num_splits), BLOCK_N) * BLOCK_N
-        entries = tl.minimum(split * slice_keys // page_size + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1)
-        l2_prefetch(BlockTable + b.to(tl.int64) * stride_bt_b + entries)
+        first = split * _slice_keys(key_capacity, num_splits, BLOCK_N) // page_size
+        l2_prefetch(bt_row + tl.minimum(first + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1))
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
@@ -122,7 +128,7 @@ def _decode_split_kernel(
         # 67-134 MB caches, NOTES.md). Slots past the length are valid memory, merely unused.
         prefetch_kv_to_l2(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED),
                           kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED),
-                          BlockTable + b.to(tl.int64) * stride_bt_b,
+                          bt_row,
                           tl.minimum(tl.arange(0, BLOCK_N), key_capacity - 1), stride_k_b, stride_k_s, stride_v_b,
                           stride_v_s, page_size, num_pages, max_pages_per_seq, PREFETCH_LINES, PREFETCH_LINE_ELEMS,
                           PAGED, SHARED_ROWS, WIDE_ROWS)
@@ -142,11 +148,10 @@ def _decode_split_kernel(
 
     # -- this program's slice of [key_start, key_end), in whole blocks
     span = tl.maximum(key_end - key_start, 0)
-    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    chunk = _slice_keys(span, num_splits, BLOCK_N)
     lo = key_start + split * chunk
     hi = tl.minimum(lo + chunk, key_end)
 
-    bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
     k_base = kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED)
     v_base = kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED)
 
@@ -340,7 +345,9 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     if table_ahead:
         # gathers with the table read a block ahead pipeline like the bulk copies: three stages
         # (two leave a single buffer), 128-key blocks up to D=128 (H100 sweeps, NOTES.md)
-        block_n, stages = (32 if wide else 128), 3
+        stages = 3
+        if not wide:
+            block_n = 128
     elif paged:
         # float32 pools: synchronous gathers, ~3 programs per SM to keep loads in flight (2-5% faster
         # than the table read ahead there)
@@ -370,8 +377,8 @@ def _prefetch_lines(head_dim: int, element_size: int) -> dict:
 
 
 def _table_lines(key_capacity: int, num_splits: int, block_n: int, page_size: int) -> int:
-    """128-byte lines of block-table entries (32 int32) covering one program's slice, a power of two
-    (one more line for a slice that starts mid-line), at most 64."""
+    """128-byte lines of block-table entries (32 int32) covering one program's slice (`_slice_keys`
+    of the capacity), a power of two (one more line for a slice that starts mid-line), at most 64."""
     slice_keys = triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n
     return min(64, next_power_of_2(triton.cdiv(triton.cdiv(slice_keys, page_size), 32) + 1))
 

@@ -248,11 +248,14 @@ def test_block_table_prefetch_covers_each_slice():
 
     # lines of 32 entries from the slice's first entry: enough for every page the slice touches
     # (one more when it starts mid-line), a power of two, never more than 64
+    def ceil_div(a, b):
+        return -(-a // b)
+
     for capacity, splits, block_n, page_size in [(2048, 1, 128, 16), (8192, 4, 128, 16), (32768, 16, 128, 16),
                                                   (4096, 1, 128, 1), (100, 3, 32, 7), (16, 1, 128, 16)]:
         lines = _table_lines(capacity, splits, block_n, page_size)
-        slice_keys = -(-(-(-capacity // splits)) // block_n) * block_n
-        pages = -(-slice_keys // page_size)
+        slice_keys = ceil_div(ceil_div(capacity, splits), block_n) * block_n
+        pages = ceil_div(slice_keys, page_size)
         assert lines & (lines - 1) == 0 and 1 <= lines <= 64
         assert lines * 32 >= min(pages + 31, 64 * 32)
     assert _table_lines(2048, 1, 128, 16) == 8  # 128 entries: 4 lines + 1 for the offset, rounded up
