@@ -27,6 +27,7 @@ Run ``python benchmarks/bench_decode.py --help``; rows go to ``<out>/decode.json
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import types
@@ -400,14 +401,24 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
     v_new = v_cache[batch_index, :, last].unsqueeze(2)
     seqlens_before = (lengths - 1).to(torch.int32)
 
-    paged_kwargs: dict[str, Any] = {}
-    k_store, v_store = k_cache, v_cache
+    # args.cache_copies copies of the cache (equal contents, separate allocations; paged copies
+    # with their own page permutation), used in turn by consecutive calls: no call finds the
+    # previous one's lines in the L2, and no single allocation's placement decides the figure.
+    copies = [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone())
+                                     for _ in range(args.cache_copies - 1)]
+    config["cache_copies"] = len(copies)
+    flashkv_stores: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    for index, (k_copy, v_copy) in enumerate(copies):
+        if case.layout == "paged":
+            pages_per_seq = math.ceil(S / case.page_size)
+            block_table = random_block_table(B, pages_per_seq, seed=args.seed + index).to(device)
+            flashkv_stores.append((to_paged(k_copy, block_table, case.page_size),
+                                   to_paged(v_copy, block_table, case.page_size),
+                                   {"block_table": block_table}))
+        else:
+            flashkv_stores.append((k_copy, v_copy, {}))
     if case.layout == "paged":
-        pages_per_seq = math.ceil(S / case.page_size)
-        block_table = random_block_table(B, pages_per_seq, seed=args.seed).to(device)
-        k_store = to_paged(k_cache, block_table, case.page_size)
-        v_store = to_paged(v_cache, block_table, case.page_size)
-        paged_kwargs["block_table"] = block_table
+        copies = []  # the pools hold the data; SDPA providers do not run on paged layouts
 
     providers = [p for p in args.providers if case.layout != "paged" or p in PAGED_PROVIDERS]
     for provider in providers:
@@ -415,18 +426,18 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
             if provider == "flashkv":
                 import flashkv_ops
 
-                def call():
-                    return flashkv_ops.attention_with_kv_cache(
-                        q, k_store, v_store, lengths, **paged_kwargs)
-                return timed(call, held_bytes)
+                return timed(common.rotating([
+                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store,
+                                      lengths, **paged_kwargs)
+                    for k_store, v_store, paged_kwargs in flashkv_stores]), held_bytes)
             if provider == "flashkv+append":
                 import flashkv_ops
 
-                def call():
-                    return flashkv_ops.attention_with_kv_cache(
-                        q, k_store, v_store, seqlens_before, k_new, v_new, **paged_kwargs)
-                figures = timed(call, decode_bytes(total_tokens, B, Hq, Hkv, D, elem_bytes,
-                                                   append=True))
+                figures = timed(common.rotating([
+                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store,
+                                      seqlens_before, k_new, v_new, **paged_kwargs)
+                    for k_store, v_store, paged_kwargs in flashkv_stores]),
+                    decode_bytes(total_tokens, B, Hq, Hkv, D, elem_bytes, append=True))
                 figures["note"] = "writes this step's k/v in place"
                 return figures
             if provider in ("sdpa_cudnn", "sdpa_flash"):
@@ -434,7 +445,9 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
                 if backend is None:
                     raise RuntimeError(
                         f"this torch ({torch.__version__}) has no SDPA backend for {provider}")
-                call, gqa, _ = common.sdpa_call_with_gqa(backend, q, k_cache, v_cache)
+                bound = [common.sdpa_call_with_gqa(backend, q, k_copy, v_copy)
+                         for k_copy, v_copy in copies]
+                call, gqa = common.rotating([call for call, _, _ in bound]), bound[0][1]
                 if case.layout == "varlen":
                     # No per-sequence lengths: it reads the whole buffer; compare time only.
                     figures = timed(call, held_bytes, check=False)
@@ -448,7 +461,9 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
             if provider == "hf_static_mask":
                 positions = torch.arange(S, device=device)
                 mask = (positions[None, :] < lengths[:, None].long())[:, None, None, :]
-                call, impl = transformers_sdpa_call(q, k_cache, v_cache, mask)
+                bound = [transformers_sdpa_call(q, k_copy, v_copy, mask)
+                         for k_copy, v_copy in copies]
+                call, impl = common.rotating([call for call, _ in bound]), bound[0][1]
                 figures = timed(call, held_bytes, out_to_bhsd=lambda out: out.transpose(1, 2))
                 figures["bytes_read"] = full_bytes
                 figures["gbps_read"] = bandwidth_figures(figures["us"], full_bytes)["gbps"]
@@ -488,12 +503,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replays", type=int, default=30,
                         help="timed graph replays; the median is reported (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-copies", type=int, default=3,
+                        help="copies of each cache, used in turn by consecutive calls "
+                             "(default %(default)s)")
     parser.add_argument("--fresh", action="store_true",
                         help="overwrite decode.json instead of merging with stored rows")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     args.providers = common.choice_list(parser, "--providers", args.providers, PROVIDERS)
     args.layouts = common.choice_list(parser, "--layouts", args.layouts, ("contiguous", "varlen", "paged"))
+    if args.cache_copies < 1:
+        parser.error(f"--cache-copies must be >= 1, got {args.cache_copies}")
     return args
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import itertools
 import json
 import contextlib
 import math
@@ -209,6 +210,15 @@ def cuda_graph_time_us(
     ]
     del graph
     return statistics.median(per_call_us)
+
+
+def rotating(calls: Sequence[Callable[[], Any]]) -> Callable[[], Any]:
+    """One zero-argument call that runs ``calls[0]``, ``calls[1]``, ... in turn, wrapping around
+    (each call's result is returned); used to spread a timed loop over copies of its inputs."""
+    if not calls:
+        raise ValueError("calls must not be empty")
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
 
 
 def do_bench_time_us(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100) -> float:

@@ -8,9 +8,10 @@ output itself and stage 2 is not launched.
 
 Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no launch of its own:
 stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
-more "split" and writes them into the cache. On Hopper both stages use programmatic dependent
-launch: each starts while the kernel before it drains, waits (``gdc_wait``) before reading, and
-then lets the next kernel launch in turn.
+more "split" and writes them into the cache; with one split, stage 1 does both itself (its
+program is the only reader of that sequence and KV head). On Hopper both stages use
+programmatic dependent launch: each starts while the kernel before it drains, waits
+(``gdc_wait``) before reading, and then lets the next kernel launch in turn.
 
 Paged pools gather K/V rows through the block table, which stage 1 reads one key block ahead
 of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
@@ -41,6 +42,7 @@ from .common import (
     l2_prefetch,
     next_power_of_2,
     online_softmax_blocks,
+    online_softmax_step,
     paged_row_flags,
     prefetch_kv_to_l2,
 )
@@ -66,10 +68,13 @@ def _decode_split_kernel(
     KeyStart,
     KeyEnd,
     BlockTable,
+    KNew,  # APPEND and DIRECT: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
+    VNew,
     # -- sizes
     num_kv_heads,
     group_size,
     seqlen_q,
+    seqlen_new,
     key_capacity,
     key_end_offset,
     qk_scale,
@@ -81,6 +86,8 @@ def _decode_split_kernel(
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
+    stride_kn_b, stride_kn_h, stride_kn_s,
+    stride_vn_b, stride_vn_h, stride_vn_s,
     stride_bt_b,
     stride_o_b, stride_o_h, stride_o_s,
     # -- meta-parameters
@@ -88,6 +95,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_START: tl.constexpr,
     HAS_KEY_END: tl.constexpr,
@@ -186,6 +194,26 @@ def _decode_split_kernel(
         tl.maximum(full_hi, lo), cache_hi, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
         TABLE_AHEAD)
+    if APPEND and DIRECT:
+        # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
+        # attends to this step's tokens (from the inputs, as one more key block) and writes them
+        # into the cache after its own reads, as the merge kernel does when there are splits.
+        rows_t = tl.arange(0, BLOCK_T)
+        pos_t, stored = new_token_slots(KeyEnd, b, rows_t, seqlen_new, key_capacity)
+        visible = stored[None, :]
+        if CAUSAL:
+            visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
+        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
+        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
+        k_new = tl.load(kn_base + rows_t[None, :] * stride_kn_s + offs_d[:, None],
+                        mask=stored[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
+        v_new = tl.load(vn_base + rows_t[:, None] * stride_vn_s + offs_d[None, :],
+                        mask=stored[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new, v_new, visible, qk_scale, True,
+                                            DOT_PRECISION)
+        write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, k_base, v_base, stride_k_b, stride_k_s,
+                       stride_v_b, stride_v_s, bt_row, page_size, num_pages, max_pages_per_seq, rows_t, pos_t,
+                       stored, HEAD_DIM, BLOCK_D, PAGED)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
@@ -394,8 +422,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
 
     k_new, v_new: [B, H_kv, S_q, D] or None. When given, ``key_end`` is ``cache_seqlens`` and
     ``key_end_offset`` is S_q: the split kernel reads the cache up to ``cache_seqlens[b]``, and the
-    merge kernel attends to the new tokens from the inputs and writes them into the cache at
-    ``cache_seqlens[b] + t`` (masked like `append_kv`): no separate launch, no re-read.
+    merge kernel (the split kernel itself when there is one split) attends to the new tokens from
+    the inputs and writes them into the cache at ``cache_seqlens[b] + t`` (masked like
+    `append_kv`): no separate launch, no re-read.
     """
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -408,7 +437,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
                   head_dim, q.dtype, paged, sm_count, interpret)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
-    direct = num_splits == 1 and not append  # the merge kernel does the fused append
+    direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
     if direct:
         partial_out = partial_lse = out  # never touched
     else:
@@ -420,19 +449,25 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
     l2_hints = not interpret and q.device.type == "cuda" and torch.version.hip is None  # PTX prefetches
+    new_k, new_v = (k_new, v_new) if append else (k, v)
+    block_t = max(16, next_power_of_2(new_k.shape[2])) if append else 16  # a tl.dot operand
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
         dummy,
         block_table if paged else dummy,
-        num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity, key_end_offset,
+        new_k, new_v,
+        num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, new_k.shape[2], key_capacity, key_end_offset,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        new_k.stride(0), new_k.stride(1), new_k.stride(2),
+        new_v.stride(0), new_v.stride(1), new_v.stride(2),
         stride_bt_b,
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=head_dim,
+        BLOCK_T=block_t,
         CAUSAL=causal,
         HAS_KEY_START=key_start is not None,
         HAS_KEY_END=key_end is not None,
@@ -452,7 +487,6 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     )
     if direct:
         return
-    new_k, new_v = (k_new, v_new) if append else (k, v)
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
         partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
         num_q_heads, num_q_heads // num_kv_heads, seqlen_q, num_splits, new_k.shape[2], key_capacity,

@@ -62,6 +62,21 @@ def test_make_lengths_fixed_and_seeded_varlen():
     assert not torch.equal(first, bench_decode.make_lengths(case, seed=4))
 
 
+def test_rotating_calls_take_turns():
+    calls = [lambda index=index: index for index in range(3)]
+    call = common.rotating(calls)
+    assert [call() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="calls"):
+        common.rotating([])
+
+
+def test_decode_cache_copies_argument():
+    assert bench_decode.parse_args([]).cache_copies == 3
+    assert bench_decode.parse_args(["--cache-copies", "1"]).cache_copies == 1
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--cache-copies", "0"])
+
+
 def test_default_cases_cover_issue_three():
     cases = bench_decode.default_cases()
     layouts = [case.layout for case in cases]

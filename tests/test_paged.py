@@ -153,6 +153,21 @@ def test_paged_nan_garbage_in_partial_pages_does_not_leak(s_q):
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, num_splits, dtype, s_q):
+    # One split: stage 1 attends to the new tokens and writes them into the pool itself (no
+    # merge launch); several: the merge kernel does. Forced here as a GPU would pick them.
+    from flashkv_ops.kernels import decode
+
+    real = decode._config
+    monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), NUM_SPLITS=num_splits))
+    case = dict(BASE, batch=3, s_q=s_q, lens=[0, 15, 100], page_size=16, dtype=dtype,
+                garbage="nan", seed=num_splits * 10 + s_q)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+
+
 def test_paged_split_kv_long_sequences():
     # decode over ~500-1000 tokens in pages of 16: the split-KV path walks many pages
     case = dict(BASE, batch=3, s_q=1, lens=[1000, 129, 511], page_size=16, seed=5)
