@@ -19,11 +19,21 @@ def new_token_slots(CacheSeqlens, b, rows, seqlen_new, key_capacity):
 
 
 @triton.jit
-def write_new_rows(
-    KNewBase,  # new K/V of one (batch, kv head): row t at KNewBase + t * stride_kn_s
-    VNewBase,
-    stride_kn_s,
-    stride_vn_s,
+def load_new_rows(KNewBase, VNewBase, stride_kn_s, stride_vn_s, rows, want, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """New K/V rows ``rows`` of one (batch, kv head) (row t at KNewBase + t * stride_kn_s), each
+    [BLOCK, BLOCK_D]; rows not in ``want`` read as zeros."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = want[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k_new = tl.load(KNewBase + rows[:, None] * stride_kn_s + offs_d[None, :], mask=mask, other=0.0)
+    v_new = tl.load(VNewBase + rows[:, None] * stride_vn_s + offs_d[None, :], mask=mask, other=0.0)
+    return k_new, v_new
+
+
+@triton.jit
+def store_new_rows(
+    k_new,  # [BLOCK, BLOCK_D] rows to write (`load_new_rows`)
+    v_new,
     KCacheBase,  # from kv_head_base
     VCacheBase,
     stride_kc_page,
@@ -34,28 +44,23 @@ def write_new_rows(
     page_size,
     num_pages,
     max_pages_per_seq,
-    rows,  # [BLOCK] indices of new tokens to copy
     positions,  # [BLOCK] their cache positions
     want,  # [BLOCK] which of them to write (the caller masks the capacity: `new_token_slots`)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr,
 ):
-    """Copy new K/V rows into the cache; paged slots whose page lies outside the pool are skipped.
+    """Store new K/V rows into the cache; paged slots whose page lies outside the pool are skipped.
 
-    Shared by the append kernel and the decode kernel's fused append.
+    Shared by the append kernel and the decode kernels' fused append.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kc_rows, k_ok, vc_rows, v_ok = kv_rows(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq,
                                            stride_vc_page, stride_vc_seq, page_size, num_pages, max_pages_per_seq,
                                            PAGED, False, True)
-    k_mask = k_ok[:, None] & d_ok[None, :]
-    v_mask = v_ok[:, None] & d_ok[None, :]
-    k_new = tl.load(KNewBase + rows[:, None] * stride_kn_s + offs_d[None, :], mask=k_mask)
-    v_new = tl.load(VNewBase + rows[:, None] * stride_vn_s + offs_d[None, :], mask=v_mask)
-    tl.store(KCacheBase + kc_rows[:, None] + offs_d[None, :], k_new, mask=k_mask)
-    tl.store(VCacheBase + vc_rows[:, None] + offs_d[None, :], v_new, mask=v_mask)
+    tl.store(KCacheBase + kc_rows[:, None] + offs_d[None, :], k_new, mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(VCacheBase + vc_rows[:, None] + offs_d[None, :], v_new, mask=v_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -96,12 +101,13 @@ def _append_kv_kernel(
     bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
     kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
     vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
-    write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s,
+    k_new, v_new = load_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, offs_s, want, HEAD_DIM, BLOCK_D)
+    store_new_rows(k_new, v_new,
                    kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED),
                    kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED),
                    stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s,
                    bt_row, page_size, num_pages, max_pages_per_seq,
-                   offs_s, positions, want, HEAD_DIM, BLOCK_D, PAGED)
+                   positions, want, HEAD_DIM, BLOCK_D, PAGED)
 
 
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E
-from .cache_append import new_token_slots, write_new_rows
+from .cache_append import load_new_rows, new_token_slots, store_new_rows
 from .common import (
     device_capability,
     dot_precision,
@@ -153,6 +153,14 @@ def _decode_split_kernel(
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
+    if APPEND and DIRECT:
+        # fused append with one split (after the cache loop, below): this step's tokens are loaded
+        # now, so their latency hides behind the cache stream instead of adding to the kernel's tail
+        rows_t = tl.arange(0, BLOCK_T)
+        pos_t, stored = new_token_slots(KeyEnd, b, rows_t, seqlen_new, key_capacity)
+        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
+        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
+        k_new, v_new = load_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, rows_t, stored, HEAD_DIM, BLOCK_D)
 
     # -- this program's slice of [key_start, key_end), in whole blocks
     span = tl.maximum(key_end - key_start, 0)
@@ -196,24 +204,15 @@ def _decode_split_kernel(
         TABLE_AHEAD)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
-        # attends to this step's tokens (from the inputs, as one more key block) and writes them
-        # into the cache after its own reads, as the merge kernel does when there are splits.
-        rows_t = tl.arange(0, BLOCK_T)
-        pos_t, stored = new_token_slots(KeyEnd, b, rows_t, seqlen_new, key_capacity)
+        # attends to this step's tokens (as one more key block) and writes them into the cache
+        # after its own reads, as the merge kernel does when there are splits.
         visible = stored[None, :]
         if CAUSAL:
             visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
-        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
-        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
-        k_new = tl.load(kn_base + rows_t[None, :] * stride_kn_s + offs_d[:, None],
-                        mask=stored[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
-        v_new = tl.load(vn_base + rows_t[:, None] * stride_vn_s + offs_d[None, :],
-                        mask=stored[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new, v_new, visible, qk_scale, True,
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
                                             DOT_PRECISION)
-        write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, k_base, v_base, stride_k_b, stride_k_s,
-                       stride_v_b, stride_v_s, bt_row, page_size, num_pages, max_pages_per_seq, rows_t, pos_t,
-                       stored, HEAD_DIM, BLOCK_D, PAGED)
+        store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
+                       page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
@@ -267,9 +266,6 @@ def _decode_merge_kernel(
     PAGED: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the split kernel's partial results
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)  # flattened (b, h, i)
     i = row % seqlen_q
     h = (row // seqlen_q) % num_q_heads
@@ -278,28 +274,33 @@ def _decode_merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
+    if APPEND:
+        # Fused append: this step's tokens are one more "split", scored here from the inputs (the
+        # split kernel stopped before their slots) and written into the cache below. The inputs
+        # come from kernels before the split kernel, which had waited for them before letting
+        # this one launch: they are read before the wait on it.
+        kv_h = h // group_size
+        rows_t = tl.arange(0, BLOCK_T)
+        pos_t, stored = new_token_slots(CacheSeqlens, b, rows_t, seqlen_new, key_capacity)
+        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
+        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
+        q_row = tl.load(Q + b.to(tl.int64) * stride_q_b + h * stride_q_h + i * stride_q_s + offs_d, mask=d_ok,
+                        other=0.0)
+        k_new, v_new = load_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, rows_t, stored, HEAD_DIM,
+                                     BLOCK_D)  # [BLOCK_T, BLOCK_D]
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the split kernel's partial results
+        tl.extra.cuda.gdc_launch_dependents()
     lse = tl.load(PartialLse + row.to(tl.int64) * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     partial = tl.load(PartialOut + (row.to(tl.int64) * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                       mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     m = tl.max(lse, 0)
     if APPEND:
-        # Fused append: this step's tokens are one more "split", scored here from the inputs
-        # (the split kernel stopped before their slots), and written into the cache below.
-        kv_h = h // group_size
-        rows_t = tl.arange(0, BLOCK_T)
-        pos_t, stored = new_token_slots(CacheSeqlens, b, rows_t, seqlen_new, key_capacity)
         visible = stored
         if CAUSAL:
             visible = visible & (rows_t <= i + seqlen_new - seqlen_q)
-        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
-        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
-        q_row = tl.load(Q + b.to(tl.int64) * stride_q_b + h * stride_q_h + i * stride_q_s + offs_d, mask=d_ok,
-                        other=0.0).to(tl.float32)
-        k_new = tl.load(kn_base + rows_t[:, None] * stride_kn_s + offs_d[None, :],
-                        mask=visible[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
-        v_new = tl.load(vn_base + rows_t[:, None] * stride_vn_s + offs_d[None, :],
-                        mask=visible[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        scores = tl.where(visible, tl.sum(k_new * q_row[None, :], 1) * qk_scale, float("-inf"))
+        scores = tl.sum(k_new.to(tl.float32) * q_row.to(tl.float32)[None, :], 1) * qk_scale
+        scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.max(scores, 0)
         p_new = tl.math.exp2(scores - tl.where(m_new == float("-inf"), 0.0, m_new))  # 0 where not visible
         m = tl.maximum(m, m_new)
@@ -309,17 +310,17 @@ def _decode_merge_kernel(
     total = tl.sum(weight, 0)
     if APPEND:
         scale_new = tl.math.exp2(m_new - m_shift)  # 0 when no new token is visible
-        numerator += scale_new * tl.sum(p_new[:, None] * v_new, 0)
+        numerator += scale_new * tl.sum(p_new[:, None] * tl.where(visible[:, None], v_new.to(tl.float32), 0.0), 0)
         total += scale_new * tl.sum(p_new, 0)
         # one program per (sequence, KV head), the one with h % group_size == 0 and i == 0,
         # writes the new tokens (an integer test: other programs' rows all fail it)
         writer = rows_t + (h % group_size + i) * BLOCK_T < BLOCK_T
         bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
-        write_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s,
+        store_new_rows(k_new, v_new,
                        kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED),
                        kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED),
                        stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s, bt_row, page_size, num_pages,
-                       max_pages_per_seq, rows_t, pos_t, stored & writer, HEAD_DIM, BLOCK_D, PAGED)
+                       max_pages_per_seq, pos_t, stored & writer, HEAD_DIM, BLOCK_D, PAGED)
     out = numerator / tl.where(total > 0.0, total, 1.0)
     o_ptrs = Out + b.to(tl.int64) * stride_o_b + h * stride_o_h + i * stride_o_s + offs_d
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
