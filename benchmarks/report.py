@@ -27,8 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS: dict[str, tuple[str, str, Callable[[Sequence[dict[str, Any]]], str]]] = {
     "decode": (
         "Decode attention against a KV cache",
-        "One query token per sequence, CUDA-graph replay timing (20 calls per graph, replays queued "
-        "back to back, median of 30). GB/s and % count the K/V bytes "
+        "One query token per sequence, CUDA-graph replay timing (20 calls per graph on three copies "
+        "of the cache in turn, replays queued back to back, median of 30). GB/s and % count the K/V bytes "
         f"each sequence actually holds (plus q and output) against the {common.BANDWIDTH_LABEL} "
         "the H100 reaches; \"vs cuDNN\" is SDPA cuDNN's time over the provider's (paged rows: "
         "over cuDNN on the contiguous cache).",
