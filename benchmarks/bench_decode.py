@@ -18,7 +18,9 @@ Providers (all timed in one run, by CUDA-graph replay):
 
 Layouts: ``contiguous`` (every sequence full), ``varlen`` (lengths uniform in [1, S_max],
 seeded) and ``paged`` (page_size 16, pages randomly permuted in a pool; flashkv only, compared
-with its contiguous run).
+with its contiguous run). Consecutive calls use ``--cache-copies`` (3) copies of the cache in
+turn, paged copies each with its own permutation: no call finds its predecessor's lines in the
+L2, and the figure is not one allocation's placement (worth ±1% on a 67 MB pool).
 
 Run ``python benchmarks/bench_decode.py --help``; rows go to ``<out>/decode.json``, the plot to
 ``<out>/decode.png``.
