@@ -167,7 +167,7 @@ def test_decode_empty_cache_without_new_tokens_gives_zeros():
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("s_q,with_new", [(1, False), (1, True), (2, True)])
+@pytest.mark.parametrize("s_q,with_new", [(1, False), (1, True), (2, True), (16, True)])
 def test_decode_with_the_split_counts_gpus_pick(monkeypatch, num_splits, s_q, with_new):
     # On a GPU the split count follows the SM count: one split (stage 1 writes the output, no
     # merge) when the batch fills the GPU, else a few; force both here, with uneven lengths.
