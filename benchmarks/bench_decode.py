@@ -406,21 +406,19 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
     # args.cache_copies copies of the cache (equal contents, separate allocations; paged copies
     # with their own page permutation), used in turn by consecutive calls: no call finds the
     # previous one's lines in the L2, and no single allocation's placement decides the figure.
-    copies = [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone())
-                                     for _ in range(args.cache_copies - 1)]
-    config["cache_copies"] = len(copies)
-    flashkv_stores: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
-    for index, (k_copy, v_copy) in enumerate(copies):
-        if case.layout == "paged":
-            pages_per_seq = math.ceil(S / case.page_size)
-            block_table = random_block_table(B, pages_per_seq, seed=args.seed + index).to(device)
-            flashkv_stores.append((to_paged(k_copy, block_table, case.page_size),
-                                   to_paged(v_copy, block_table, case.page_size),
-                                   {"block_table": block_table}))
-        else:
-            flashkv_stores.append((k_copy, v_copy, {}))
+    config["cache_copies"] = args.cache_copies
     if case.layout == "paged":
-        copies = []  # the pools hold the data; SDPA providers do not run on paged layouts
+        pages_per_seq = math.ceil(S / case.page_size)
+        tables = [random_block_table(B, pages_per_seq, seed=args.seed + index).to(device)
+                  for index in range(args.cache_copies)]
+        flashkv_stores = [(to_paged(k_cache, table, case.page_size),
+                           to_paged(v_cache, table, case.page_size), {"block_table": table})
+                          for table in tables]
+        copies = []  # SDPA providers do not run on paged layouts
+    else:
+        copies = [(k_cache, v_cache)] + [(k_cache.clone(), v_cache.clone())
+                                         for _ in range(args.cache_copies - 1)]
+        flashkv_stores = [(k_copy, v_copy, {}) for k_copy, v_copy in copies]
 
     providers = [p for p in args.providers if case.layout != "paged" or p in PAGED_PROVIDERS]
     for provider in providers:
