@@ -239,21 +239,23 @@ def _decode_split_kernel(
                 tl.store(Counters + pid, 0)
                 acc, l_i, m_i = _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM,
                                                 BLOCK_M, BLOCK_D, BLOCK_SPLITS, MERGE_CHUNK)
-    if finish:
-        if APPEND:
-            # Fused append: this program is the last reader of its (sequence, KV head)'s cache in
-            # this call, so it attends to this step's tokens (as one more key block) and writes them
-            # into the cache, as the merge kernel does when it runs.
-            visible = stored[None, :]
-            if CAUSAL:
-                visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
-            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
-                                                DOT_PRECISION)
-            store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
-                           page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_ptrs = Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if DIRECT or MERGE:
+        if finish:
+            if APPEND:
+                # Fused append: this program is the last reader of its (sequence, KV head)'s cache in
+                # this call, so it attends to this step's tokens (as one more key block) and writes them
+                # into the cache, as the merge kernel does when it runs.
+                visible = stored[None, :]
+                if CAUSAL:
+                    visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
+                acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
+                                                    DOT_PRECISION)
+                store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
+                               page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
+            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            o_ptrs = (Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s
+                      + offs_d[None, :])
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
