@@ -46,7 +46,6 @@ from .common import (
     paged_row_flags,
     prefetch_kv_to_l2,
 )
-from .split_counters import split_counters
 
 
 @triton.jit
@@ -69,9 +68,8 @@ def _decode_split_kernel(
     KeyStart,
     KeyEnd,
     BlockTable,
-    KNew,  # APPEND with DIRECT or MERGE: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
+    KNew,  # APPEND and DIRECT: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
     VNew,
-    Counters,  # MERGE: [B * H_kv] int32, zero between calls: splits done per (sequence, KV head)
     # -- sizes
     num_kv_heads,
     group_size,
@@ -106,9 +104,6 @@ def _decode_split_kernel(
     TMA: tl.constexpr,
     APPEND: tl.constexpr,
     DIRECT: tl.constexpr,
-    MERGE: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
     PDL: tl.constexpr,
     SHARED_ROWS: tl.constexpr,
     WIDE_ROWS: tl.constexpr,
@@ -158,10 +153,9 @@ def _decode_split_kernel(
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
-    if APPEND and (DIRECT or MERGE):
-        # fused append done here (after the cache loop, below; with splits, by the program that
-        # merges): this step's tokens are loaded now, so their latency hides behind the cache
-        # stream instead of adding to the kernel's tail
+    if APPEND and DIRECT:
+        # fused append with one split (after the cache loop, below): this step's tokens are loaded
+        # now, so their latency hides behind the cache stream instead of adding to the kernel's tail
         rows_t = tl.arange(0, BLOCK_T)
         pos_t, stored = new_token_slots(KeyEnd, b, rows_t, seqlen_new, key_capacity)
         kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
@@ -218,74 +212,30 @@ def _decode_split_kernel(
             unmasked_hi, cache_hi, qk_scale,
             HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
             TABLE_AHEAD)
-    finish = DIRECT  # this program writes the output (and, appending, the new tokens)
-    if not DIRECT:
-        seen = l_i > 0.0
+    if APPEND and DIRECT:
+        # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
+        # attends to this step's tokens (as one more key block) and writes them into the cache
+        # after its own reads, as the merge kernel does when there are splits.
+        visible = stored[None, :]
+        if CAUSAL:
+            visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
+                                            DOT_PRECISION)
+        store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
+                       page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if DIRECT:
+        # a single split: its normalised result is the output, no merge pass
+        o_ptrs = Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         # partial buffers are contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]
-        first_partial = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits
-        tl.store(PartialLse + first_partial + split, lse, mask=row_ok)
-        tl.store(PartialOut + (first_partial + split)[:, None] * HEAD_DIM + offs_d[None, :],
-                 acc / tl.where(seen, l_i, 1.0)[:, None], mask=row_ok[:, None] & d_ok[None, :])
-        if MERGE:
-            # The last of this (sequence, KV head)'s splits to finish merges them all: every
-            # thread's partial stores are ordered before the count (barrier, then a release by the
-            # one thread that adds), and the last reads them from L2 after its acquire. It sets the
-            # count back to zero for the next call, which waits for this kernel to end first.
-            tl.debug_barrier()
-            done = tl.atomic_add(Counters + pid, 1, sem="acq_rel", scope="gpu")
-            finish = done == num_splits - 1
-            if finish:
-                tl.store(Counters + pid, 0)
-                acc, l_i, m_i = _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM,
-                                                BLOCK_M, BLOCK_D, BLOCK_SPLITS, MERGE_CHUNK)
-    if DIRECT or MERGE:
-        if finish:
-            if APPEND:
-                # Fused append: this program is the last reader of its (sequence, KV head)'s cache in
-                # this call, so it attends to this step's tokens (as one more key block) and writes them
-                # into the cache, as the merge kernel does when it runs.
-                visible = stored[None, :]
-                if CAUSAL:
-                    visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
-                acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
-                                                    DOT_PRECISION)
-                store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
-                               page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
-            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-            o_ptrs = (Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s
-                      + offs_d[None, :])
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                    MERGE_CHUNK: tl.constexpr):
-    """Every split's partial result of the packed rows as one online-softmax state (acc, l, m).
-
-    first_partial: [BLOCK_M] index of each row's split 0 in the partial buffers. Loads bypass L1
-    (other SMs wrote these lines). Splits are summed in index order, whichever program merges.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    lse = tl.load(PartialLse + first_partial[:, None] + offs_s[None, :],
-                  mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 1)
-    m_shift = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw: weights 0, state stays empty
-    l_i = tl.sum(tl.math.exp2(lse - m_shift[:, None]), 1)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for chunk in range(0, tl.cdiv(num_splits, MERGE_CHUNK)):
-        offs_c = chunk * MERGE_CHUNK + tl.arange(0, MERGE_CHUNK)
-        ok = row_ok[:, None] & (offs_c < num_splits)[None, :]
-        lse_c = tl.load(PartialLse + first_partial[:, None] + offs_c[None, :], mask=ok, other=float("-inf"),
-                        cache_modifier=".cg")
-        weight = tl.math.exp2(lse_c - m_shift[:, None])  # [BLOCK_M, MERGE_CHUNK], 0 where a split saw nothing
-        partial = tl.load(PartialOut + (first_partial[:, None, None] + offs_c[None, :, None]) * HEAD_DIM
-                          + offs_d[None, None, :],
-                          mask=ok[:, :, None] & (offs_d < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(partial * weight[:, :, None], 1)
-    return acc, l_i, m
+        partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits + split
+        tl.store(PartialLse + partial_row, lse, mask=row_ok)
+        tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -456,11 +406,6 @@ DECODE_PREFETCH = True
 DECODE_PDL = True
 # Paged caches: ask the L2 for each program's block-table lines before waiting on the kernel before
 DECODE_TABLE_PREFETCH = True
-# Several splits: the last program of each (sequence, KV head) merges them (`split_counters`);
-# off, or while capturing without counters, a separate merge kernel does
-DECODE_FUSED_MERGE = True
-# fp32 elements of partial results one merging program holds at once (64 registers a thread at 4 warps)
-MERGE_TILE_ELEMS = 8192
 
 
 def _prefetch_lines(head_dim: int, element_size: int) -> dict:
@@ -504,10 +449,6 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
-    counters = None
-    if not direct and DECODE_FUSED_MERGE:
-        counters = split_counters(q.device, batch * num_kv_heads)
-    merge = counters is not None  # the split kernel merges: no second launch
     if direct:
         partial_out = partial_lse = out  # never touched
     else:
@@ -521,14 +462,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     l2_hints = not interpret and q.device.type == "cuda" and torch.version.hip is None  # PTX prefetches
     new_k, new_v = (k_new, v_new) if append else (k, v)
     block_t = max(16, next_power_of_2(new_k.shape[2])) if append else 16  # a tl.dot operand
-    block_splits = max(2, next_power_of_2(num_splits))
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
         dummy,
         block_table if paged else dummy,
         new_k, new_v,
-        counters if merge else dummy,
         num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, new_k.shape[2], key_capacity, key_end_offset,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -548,9 +487,6 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         TMA=descriptors is not None,
         APPEND=append,
         DIRECT=direct,
-        MERGE=merge,
-        BLOCK_SPLITS=block_splits,
-        MERGE_CHUNK=min(block_splits, max(1, MERGE_TILE_ELEMS // (cfg["BLOCK_M"] * cfg["BLOCK_D"]))),
         PDL=pdl,
         **paged_row_flags(k, v, block_table),
         PREFETCH=DECODE_PREFETCH and l2_hints,
@@ -560,7 +496,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
-    if direct or merge:
+    if direct:
         return
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
         partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
@@ -574,7 +510,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         v.stride(0), v.stride(1), v.stride(2),
         stride_bt_b,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_SPLITS=block_splits,
+        BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
         BLOCK_T=max(2, next_power_of_2(new_k.shape[2])),
         CAUSAL=causal,
         APPEND=append,
