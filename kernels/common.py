@@ -165,11 +165,18 @@ def online_softmax_blocks(
     SHARED_ROWS: tl.constexpr,  # paged: K and V share strides, one offsets vector serves both
     WIDE_ROWS: tl.constexpr,  # paged: 64-bit row offsets (`paged_row_flags`)
     TABLE_AHEAD: tl.constexpr = False,  # paged: read the block table one block ahead (decode)
+    SHIFT_TAIL: tl.constexpr = False,  # TMA: a last block short of hi is read as the BLOCK_N rows up to hi
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
     MASKED=False is the fast path for blocks every row sees entirely (no start/end/causal
     masking); the caller proves that from the block bounds.
+
+    SHIFT_TAIL (bulk copies, every key in [hi - BLOCK_N, hi) a real one, not garbage): one loop
+    over the whole range, whole blocks and a partial last one alike. That last block is copied
+    as the BLOCK_N rows ending at hi (rows before the tensor come back as zeros), and the rows
+    already seen are masked out of the scores only: V stays in shared memory, where masking it
+    would cost a trip through registers, and every row it holds is finite.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -196,9 +203,13 @@ def online_softmax_blocks(
             k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0).T
             v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0)
         elif TMA:
-            # Hopper bulk copies; rows past S come back as zeros
-            k = k_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D).T
-            v = v_desc.load([desc_b, desc_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            # Hopper bulk copies; rows past S (and, SHIFT_TAIL, before 0) come back as zeros
+            load_n = start_n
+            if SHIFT_TAIL:
+                load_n = tl.minimum(start_n, hi - BLOCK_N)
+                offs_load = load_n + tl.arange(0, BLOCK_N)
+            k = k_desc.load([desc_b, desc_h, load_n, 0]).reshape(BLOCK_N, BLOCK_D).T
+            v = v_desc.load([desc_b, desc_h, load_n, 0]).reshape(BLOCK_N, BLOCK_D)
             if MASKED:
                 # slots outside the key range may hold anything (NaN too): 0 * NaN would leak
                 v = tl.where(want[:, None], v, 0.0)
@@ -229,6 +240,12 @@ def online_softmax_blocks(
             visible = want[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= query_index[:, None] + diag)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
+        elif SHIFT_TAIL:
+            # the rows this block was read from; those before start_n were seen already
+            visible = (offs_load >= start_n)[None, :]
+            if CAUSAL:
+                visible = visible & (offs_load[None, :] <= query_index[:, None] + diag)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
         else:
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, offs_n, qk_scale, False, DOT_PRECISION)

@@ -112,6 +112,7 @@ def _decode_split_kernel(
     PREFETCH_LINE_ELEMS: tl.constexpr,
     TABLE_AHEAD: tl.constexpr,
     TABLE_LINES: tl.constexpr,
+    SHIFT_TAIL: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -195,23 +196,34 @@ def _decode_split_kernel(
     # nothing to do is skipped. Paged gathers with a partial block at the end run the whole slice
     # masked in one loop (one pipeline; masked gathers cost no more); bulk copies keep the masked
     # tail apart (a masked TMA loop is slower).
-    unmasked_hi = full_hi
-    if TABLE_AHEAD:
-        unmasked_hi = tl.where(cache_hi > full_hi, lo, full_hi)
-    if unmasked_hi > lo:
-        acc, l_i, m_i = online_softmax_blocks(
-            acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
-            page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
-            lo, unmasked_hi, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-            TABLE_AHEAD)
-    if cache_hi > unmasked_hi:
-        acc, l_i, m_i = online_softmax_blocks(
-            acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b, stride_v_s,
-            page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
-            unmasked_hi, cache_hi, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-            TABLE_AHEAD)
+    if TMA and SHIFT_TAIL and not HAS_KEY_START:
+        # bulk copies: one pipelined loop for the whole slice; its last partial block is read as
+        # the block ending at cache_hi (the keys before it are real ones, from 0 up)
+        if cache_hi > lo:
+            acc, l_i, m_i = online_softmax_blocks(
+                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
+                stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
+                lo, cache_hi, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
+                TABLE_AHEAD, True)
+    else:
+        unmasked_hi = full_hi
+        if TABLE_AHEAD:
+            unmasked_hi = tl.where(cache_hi > full_hi, lo, full_hi)
+        if unmasked_hi > lo:
+            acc, l_i, m_i = online_softmax_blocks(
+                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
+                stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
+                lo, unmasked_hi, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
+                TABLE_AHEAD)
+        if cache_hi > unmasked_hi:
+            acc, l_i, m_i = online_softmax_blocks(
+                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
+                stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
+                unmasked_hi, cache_hi, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
+                TABLE_AHEAD)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens (as one more key block) and writes them into the cache
@@ -406,6 +418,9 @@ DECODE_PREFETCH = True
 DECODE_PDL = True
 # Paged caches: ask the L2 for each program's block-table lines before waiting on the kernel before
 DECODE_TABLE_PREFETCH = True
+# Bulk copies: a partial last block read as the whole block ending at the slice's end, in the
+# main pipelined loop (one pipeline, not a second masked loop)
+DECODE_SHIFT_TAIL = True
 
 
 def _prefetch_lines(head_dim: int, element_size: int) -> dict:
@@ -493,6 +508,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         **_prefetch_lines(head_dim, k.element_size()),
         TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size)
         if paged and DECODE_TABLE_PREFETCH and l2_hints else 0,
+        SHIFT_TAIL=DECODE_SHIFT_TAIL,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
