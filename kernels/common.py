@@ -166,6 +166,7 @@ def online_softmax_blocks(
     WIDE_ROWS: tl.constexpr,  # paged: 64-bit row offsets (`paged_row_flags`)
     TABLE_AHEAD: tl.constexpr = False,  # paged: read the block table one block ahead (decode)
     SHIFT_TAIL: tl.constexpr = False,  # TMA: a last block short of hi is read as the BLOCK_N rows up to hi
+    full_hi=0,  # SHIFT_TAIL: blocks from here on are masked (block-aligned from lo)
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -242,11 +243,13 @@ def online_softmax_blocks(
                 visible = visible & (offs_n[None, :] <= query_index[:, None] + diag)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
         elif SHIFT_TAIL:
-            # the rows this block was read from; those before start_n were seen already
+            # the rows this block was read from; those before start_n were seen already. Blocks
+            # below full_hi (every row sees every key) skip the mask.
             visible = (offs_load >= start_n)[None, :]
             if CAUSAL:
                 visible = visible & (offs_load[None, :] <= query_index[:, None] + diag)
-            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, False, DOT_PRECISION,
+                                                start_n + BLOCK_N > full_hi, True)
         else:
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, offs_n, qk_scale, False, DOT_PRECISION)
     return acc, l_i, m_i
@@ -264,14 +267,27 @@ def online_softmax_step(
     qk_scale,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    mask_this=False,  # MASK_IF: whether `visible` applies to this block (a uniform runtime test)
+    MASK_IF: tl.constexpr = False,
 ):
-    """Fold one block of keys into the running (acc, l, m) of the online softmax."""
+    """Fold one block of keys into the running (acc, l, m) of the online softmax.
+
+    MASKED applies ``visible`` to the scores; MASK_IF (with MASKED=False) only when ``mask_this``
+    holds, so blocks every row sees keep the unmasked arithmetic in the same loop.
+    """
     if DOT_PRECISION == "interpret-bf16":
         # the Triton interpreter multiplies bfloat16 dot operands as raw bits
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
     else:
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
-    if MASKED:
+    if MASK_IF:
+        qk = qk * qk_scale
+        if mask_this:
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+    elif MASKED:
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
         # a row that has seen no key yet keeps m = -inf, so shift by 0
         m_new = tl.maximum(m_i, tl.max(qk, 1))

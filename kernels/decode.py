@@ -205,7 +205,7 @@ def _decode_split_kernel(
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 lo, cache_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, True)
+                TABLE_AHEAD, True, full_hi)
     else:
         unmasked_hi = full_hi
         if TABLE_AHEAD:
