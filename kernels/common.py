@@ -281,12 +281,16 @@ def online_softmax_step(
     else:
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
     if MASK_IF:
-        qk = qk * qk_scale
+        # a uniform branch: blocks that need no mask keep the unmasked arithmetic below
         if mask_this:
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_shift[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_shift = m_new
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
     elif MASKED:
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
         # a row that has seen no key yet keeps m = -inf, so shift by 0

@@ -508,7 +508,10 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         **_prefetch_lines(head_dim, k.element_size()),
         TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size)
         if paged and DECODE_TABLE_PREFETCH and l2_hints else 0,
-        SHIFT_TAIL=DECODE_SHIFT_TAIL,
+        # one wave of programs (its pipeline fill is not hidden behind other programs); with more,
+        # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
+        # programs: 179 -> 209 us)
+        SHIFT_TAIL=DECODE_SHIFT_TAIL and batch * num_kv_heads * num_splits <= sm_count,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
