@@ -191,14 +191,15 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # Each loop below costs its software pipeline's fill and drain even without an iteration
-    # (H100: 0.2-0.3 us on 67 MB contiguous caches, 0.7-2.5 us paged, NOTES.md), so a loop with
-    # nothing to do is skipped. Paged gathers with a partial block at the end run the whole slice
-    # masked in one loop (one pipeline; masked gathers cost no more); bulk copies keep the masked
-    # tail apart (a masked TMA loop is slower).
+    # Each loop below costs its software pipeline's fill and drain (H100: 0.2-0.3 us on 67 MB
+    # contiguous caches, 0.7-2.5 us paged, NOTES.md), so a loop with nothing to do is skipped, and
+    # a partial last block does not get a second loop where it can be helped. Bulk copies
+    # (SHIFT_TAIL): one loop for the whole slice, its partial last block read as the block ending at
+    # cache_hi (every key from 0 to there is a real one: no NaN garbage reaches V) and masked in the
+    # scores only, where a masked V would cost a trip through registers in every iteration.
+    # Paged gathers with a partial block at the end run the whole slice masked in one loop (masked
+    # gathers cost no more).
     if TMA and SHIFT_TAIL and not HAS_KEY_START:
-        # bulk copies: one pipelined loop for the whole slice; its last partial block is read as
-        # the block ending at cache_hi (the keys before it are real ones, from 0 up)
         if cache_hi > lo:
             acc, l_i, m_i = online_softmax_blocks(
                 acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,

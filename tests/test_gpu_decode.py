@@ -105,6 +105,33 @@ def test_gpu_kv_cache_real_sizes(case):
     assert_close_to_ref(out, want, lowp, what=str(case))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("s_q, with_new", [(1, True), (1, False), (4, True), (4, False)])
+def test_gpu_partial_last_block_with_nan_past_the_lengths(head_dim, s_q, with_new):
+    # Bulk copies read a slice's partial last block as the whole block ending at the slice end
+    # (from before key 0 when the sequence is shorter than a block): lengths shorter than a block,
+    # one off block boundaries, uneven over the splits (14 sequence-heads: several splits on an
+    # H100), NaN in every slot past them; causal multi-token queries see the diagonal
+    b, hq, hkv, s_max, dt = 7, 16, 2, 4096, torch.float16
+    g = torch.Generator().manual_seed(head_dim * 10 + s_q)
+    lens_list = [0, 1, 2, 63, 129, 1153, s_max - s_q] if with_new else [s_q, s_q + 1, 63, 127, 129, 1153, s_max]
+    d = head_dim
+    k_cache = randn((b, hkv, s_max, d), dt, DEVICE, generator=g)
+    v_cache = randn((b, hkv, s_max, d), dt, DEVICE, generator=g)
+    for i, n in enumerate(lens_list):
+        k_cache[i, :, n:] = float("nan")
+        v_cache[i, :, n:] = float("nan")
+    q = randn((b, hq, s_q, d), dt, DEVICE, generator=g)
+    k = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
+    v = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
+    lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
+    want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k, v)
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v)
+    assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
+    total = [n + (s_q if with_new else 0) for n in lens_list]
+    assert_close_to_ref(out, want, _lowp_kv_ref(q, want_k, want_v, total, True), what=f"lens {lens_list}")
+
+
 @st.composite
 def gpu_paged_cases(draw):
     hq, hkv = draw(st.sampled_from([(32, 8), (28, 4), (8, 1)]))
