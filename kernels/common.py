@@ -256,6 +256,24 @@ def online_softmax_blocks(
 
 
 @triton.jit
+def _masked_probabilities(qk, m_i, visible, qk_scale):
+    """(p, new running max, the shift p was taken against) for raw scores under a mask."""
+    qk = tl.where(visible, qk * qk_scale, float("-inf"))
+    # a row that has seen no key yet keeps m = -inf, so shift by 0
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.math.exp2(qk - m_shift[:, None]), m_new, m_shift
+
+
+@triton.jit
+def _unmasked_probabilities(qk, m_i, qk_scale):
+    """`_masked_probabilities` where every score counts: the scale folds into one FMA with the
+    max subtraction."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    return tl.math.exp2(qk * qk_scale - m_new[:, None]), m_new, m_new
+
+
+@triton.jit
 def online_softmax_step(
     acc,  # [BLOCK_M, BLOCK_D] fp32
     l_i,  # [BLOCK_M] fp32
@@ -281,27 +299,15 @@ def online_softmax_step(
     else:
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
     if MASK_IF:
-        # a uniform branch: blocks that need no mask keep the unmasked arithmetic below
+        # a uniform branch: blocks that need no mask keep the unmasked arithmetic
         if mask_this:
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_shift[:, None])
+            p, m_new, m_shift = _masked_probabilities(qk, m_i, visible, qk_scale)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_shift = m_new
-            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+            p, m_new, m_shift = _unmasked_probabilities(qk, m_i, qk_scale)
     elif MASKED:
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        # a row that has seen no key yet keeps m = -inf, so shift by 0
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
+        p, m_new, m_shift = _masked_probabilities(qk, m_i, visible, qk_scale)
     else:
-        # scale folded into one FMA with the max subtraction
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_shift = m_new
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        p, m_new, m_shift = _unmasked_probabilities(qk, m_i, qk_scale)
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
