@@ -10,8 +10,9 @@ Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no laun
 stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
 more "split" and writes them into the cache; with one split, stage 1 does both itself (its
 program is the only reader of that sequence and KV head). On Hopper both stages use
-programmatic dependent launch: each starts while the kernel before it drains, waits
-(``gdc_wait``) before reading, and then lets the next kernel launch in turn.
+programmatic dependent launch: each starts while the kernel before it drains and waits
+(``gdc_wait``) before reading; stage 1 lets the next kernel launch once it has waited, stage 2
+at once (nothing it launches reads before waiting for it to end).
 
 Paged pools gather K/V rows through the block table, which stage 1 reads one key block ahead
 of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
