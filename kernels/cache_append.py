@@ -11,28 +11,30 @@ from .common import interpreting, kv_geometry, kv_head_base, kv_rows, next_power
 
 
 @triton.jit
-def new_token_slots(CacheSeqlens, b, rows, seqlen_new, key_capacity):
-    """Cache positions of new tokens ``rows`` of sequence ``b`` (from cache_seqlens[b]) and which
-    of them exist and land inside the cache; the others are never written nor attended."""
+def load_new_tokens(KNew, VNew, CacheSeqlens, b, kv_h, rows, seqlen_new, key_capacity,
+                    stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """New K/V tokens ``rows`` of sequence ``b``, KV head ``kv_h`` (KNew/VNew [B, H_kv, seqlen_new, D]).
+
+    Returns (positions, want, k_new, v_new): their cache positions (from cache_seqlens[b]), which
+    of them exist and land inside the cache (the others are never written nor attended, and read
+    as zeros), and the rows, each [BLOCK, BLOCK_D]. Shared by the append kernel and the decode
+    kernels' fused append.
+    """
     positions = tl.load(CacheSeqlens + b) + rows
-    return positions, (rows < seqlen_new) & (positions >= 0) & (positions < key_capacity)
-
-
-@triton.jit
-def load_new_rows(KNewBase, VNewBase, stride_kn_s, stride_vn_s, rows, want, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """New K/V rows ``rows`` of one (batch, kv head) (row t at KNewBase + t * stride_kn_s), each
-    [BLOCK, BLOCK_D]; rows not in ``want`` read as zeros."""
+    want = (rows < seqlen_new) & (positions >= 0) & (positions < key_capacity)
     offs_d = tl.arange(0, BLOCK_D)
     mask = want[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k_new = tl.load(KNewBase + rows[:, None] * stride_kn_s + offs_d[None, :], mask=mask, other=0.0)
-    v_new = tl.load(VNewBase + rows[:, None] * stride_vn_s + offs_d[None, :], mask=mask, other=0.0)
-    return k_new, v_new
+    kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
+    vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
+    k_new = tl.load(kn_base + rows[:, None] * stride_kn_s + offs_d[None, :], mask=mask, other=0.0)
+    v_new = tl.load(vn_base + rows[:, None] * stride_vn_s + offs_d[None, :], mask=mask, other=0.0)
+    return positions, want, k_new, v_new
 
 
 @triton.jit
 def store_new_rows(
-    k_new,  # [BLOCK, BLOCK_D] rows to write (`load_new_rows`)
+    k_new,  # [BLOCK, BLOCK_D] rows to write (`load_new_tokens`)
     v_new,
     KCacheBase,  # from kv_head_base
     VCacheBase,
@@ -45,7 +47,7 @@ def store_new_rows(
     num_pages,
     max_pages_per_seq,
     positions,  # [BLOCK] their cache positions
-    want,  # [BLOCK] which of them to write (the caller masks the capacity: `new_token_slots`)
+    want,  # [BLOCK] which of them to write (the caller masks the capacity: `load_new_tokens`)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr,
@@ -96,12 +98,10 @@ def _append_kv_kernel(
     b = pid // num_kv_heads
     kv_h = pid % num_kv_heads
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    positions, want = new_token_slots(CacheSeqlens, b, offs_s, seqlen_new, key_capacity)
-
+    positions, want, k_new, v_new = load_new_tokens(
+        KNew, VNew, CacheSeqlens, b, kv_h, offs_s, seqlen_new, key_capacity,
+        stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM, BLOCK_D)
     bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
-    kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
-    vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
-    k_new, v_new = load_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, offs_s, want, HEAD_DIM, BLOCK_D)
     store_new_rows(k_new, v_new,
                    kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED),
                    kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED),

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E
-from .cache_append import load_new_rows, new_token_slots, store_new_rows
+from .cache_append import load_new_tokens, store_new_rows
 from .common import (
     device_capability,
     dot_precision,
@@ -159,10 +159,9 @@ def _decode_split_kernel(
         # fused append with one split (after the cache loop, below): this step's tokens are loaded
         # now, so their latency hides behind the cache stream instead of adding to the kernel's tail
         rows_t = tl.arange(0, BLOCK_T)
-        pos_t, stored = new_token_slots(KeyEnd, b, rows_t, seqlen_new, key_capacity)
-        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
-        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
-        k_new, v_new = load_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, rows_t, stored, HEAD_DIM, BLOCK_D)
+        pos_t, stored, k_new, v_new = load_new_tokens(
+            KNew, VNew, KeyEnd, b, kv_h, rows_t, seqlen_new, key_capacity,
+            stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM, BLOCK_D)
 
     # -- this program's slice of [key_start, key_end), in whole blocks
     span = tl.maximum(key_end - key_start, 0)
@@ -305,13 +304,12 @@ def _decode_merge_kernel(
         # this one launch: they are read before the wait on it.
         kv_h = h // group_size
         rows_t = tl.arange(0, BLOCK_T)
-        pos_t, stored = new_token_slots(CacheSeqlens, b, rows_t, seqlen_new, key_capacity)
-        kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
-        vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
         q_row = tl.load(Q + b.to(tl.int64) * stride_q_b + h * stride_q_h + i * stride_q_s + offs_d, mask=d_ok,
                         other=0.0)
-        k_new, v_new = load_new_rows(kn_base, vn_base, stride_kn_s, stride_vn_s, rows_t, stored, HEAD_DIM,
-                                     BLOCK_D)  # [BLOCK_T, BLOCK_D]
+        pos_t, stored, k_new, v_new = load_new_tokens(
+            KNew, VNew, CacheSeqlens, b, kv_h, rows_t, seqlen_new, key_capacity,
+            stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM,
+            BLOCK_D)  # k_new, v_new: [BLOCK_T, BLOCK_D]
     if PDL:
         # the next kernel may launch at once: it waits for this one to end before it reads
         # anything (0.0-0.1 us on 8x32/4x8192x64, NOTES.md)
