@@ -206,7 +206,7 @@ def _decode_split_kernel(
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 lo, cache_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, True, full_hi)
+                TABLE_AHEAD, True)
     else:
         unmasked_hi = full_hi
         if TABLE_AHEAD:
@@ -456,6 +456,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     """
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    # one query token sees every key in its range: the causal mask is that range already
+    causal = causal and seqlen_q > 1
     paged = block_table is not None
     append = k_new is not None
     num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
