@@ -56,6 +56,22 @@ def _slice_keys(span, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale):
+    """Fold one key (k_new, v_new: [1, BLOCK_D]; stored: [1], whether it exists) into the running
+    softmax (acc, l, m) of every packed row of q [BLOCK_M, BLOCK_D]: elementwise products and row
+    sums in the accumulator's own layout, where a [BLOCK_M, 16] tensor-core tile for the one key
+    staged its operands through shared memory (1.2 us more per call at 16x8/8x2048x64, NOTES.md)."""
+    score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale
+    score = tl.where(tl.max(stored.to(tl.int32), 0) > 0, score, float("-inf"))
+    m_new = tl.maximum(m_i, score)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet and no key: shift by 0
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(score - m_shift)
+    acc = acc * alpha[:, None] + p[:, None] * tl.sum(v_new.to(tl.float32), 0)[None, :]
+    return acc, l_i * alpha + p, m_new
+
+
+@triton.jit
 def _decode_split_kernel(
     # -- pointers
     Q,
@@ -227,13 +243,17 @@ def _decode_split_kernel(
                 TABLE_AHEAD)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
-        # attends to this step's tokens (as one more key block) and writes them into the cache
-        # after its own reads, as the merge kernel does when there are splits.
-        visible = stored[None, :]
-        if CAUSAL:
-            visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
-                                            DOT_PRECISION)
+        # attends to this step's tokens and writes them into the cache after its own reads, as the
+        # merge kernel does when there are splits.
+        if BLOCK_T == 1:
+            acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale)
+        else:
+            # several tokens: one more (masked) key block through the tensor cores
+            visible = stored[None, :]
+            if CAUSAL:
+                visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
+                                                DOT_PRECISION)
         store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
                        page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
     seen = l_i > 0.0
@@ -480,7 +500,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
     l2_hints = not interpret and q.device.type == "cuda" and torch.version.hip is None  # PTX prefetches
     new_k, new_v = (k_new, v_new) if append else (k, v)
-    block_t = max(16, next_power_of_2(new_k.shape[2])) if append else 16  # a tl.dot operand
+    # the split kernel's own new tokens (one split): one key folds in elementwise, several form a
+    # tl.dot operand (at least 16 rows)
+    block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
