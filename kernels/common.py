@@ -269,11 +269,15 @@ def _masked_probabilities(qk, m_i, visible, qk_scale):
 
 
 @triton.jit
-def _unmasked_probabilities(qk, m_i, qk_scale):
-    """`_masked_probabilities` where every score counts: the scale folds into one FMA with the
-    max subtraction."""
+def _unmasked_probabilities(qk, m_i, qk_scale, GUARD: tl.constexpr = False):
+    """`_masked_probabilities` where no mask is applied here: the scale folds into one FMA with the
+    max subtraction. GUARD: a row may still be all -inf (scores that start from a bias), so shift
+    it by 0 as the masked arithmetic does."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    return tl.math.exp2(qk * qk_scale - m_new[:, None]), m_new, m_new
+    m_shift = m_new
+    if GUARD:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.math.exp2(qk * qk_scale - m_shift[:, None]), m_new, m_shift
 
 
 @triton.jit
@@ -308,12 +312,8 @@ def online_softmax_step(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
     if MASKED:
         p, m_new, m_shift = _masked_probabilities(qk, m_i, visible, qk_scale)
-    elif GUARD:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
     else:
-        p, m_new, m_shift = _unmasked_probabilities(qk, m_i, qk_scale)
+        p, m_new, m_shift = _unmasked_probabilities(qk, m_i, qk_scale, GUARD)
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
