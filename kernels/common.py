@@ -166,6 +166,9 @@ def online_softmax_blocks(
     WIDE_ROWS: tl.constexpr,  # paged: 64-bit row offsets (`paged_row_flags`)
     TABLE_AHEAD: tl.constexpr = False,  # paged: read the block table one block ahead (decode)
     SHIFT_TAIL: tl.constexpr = False,  # TMA: a last block short of hi is read as the BLOCK_N rows up to hi
+    guess_lo=0,  # TABLE_GUESS: guessed_pages holds the block-table entries of keys [guess_lo, guess_lo +
+    guessed_pages=0,  # BLOCK_N), read before lo was known; the first block takes them when lo == guess_lo
+    TABLE_GUESS: tl.constexpr = False,
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -184,7 +187,12 @@ def online_softmax_blocks(
     d_ok = offs_d < HEAD_DIM
     if PAGED and TABLE_AHEAD:
         first = lo + tl.arange(0, BLOCK_N)
-        next_pages = page_entries(block_table_row_ptr, first, first < hi, page_size, max_pages_per_seq)
+        if TABLE_GUESS:
+            fresh = (first < hi) & (first != guess_lo + tl.arange(0, BLOCK_N))  # elementwise: lo != guess_lo
+            next_pages = page_entries(block_table_row_ptr, first, fresh, page_size, max_pages_per_seq)
+            next_pages = tl.where(lo == guess_lo, guessed_pages, next_pages)
+        else:
+            next_pages = page_entries(block_table_row_ptr, first, first < hi, page_size, max_pages_per_seq)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         want = (offs_n >= key_start) & (offs_n < key_end)

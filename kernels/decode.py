@@ -44,6 +44,7 @@ from .common import (
     next_power_of_2,
     online_softmax_blocks,
     online_softmax_step,
+    page_entries,
     paged_row_flags,
     prefetch_kv_to_l2,
 )
@@ -130,6 +131,7 @@ def _decode_split_kernel(
     TABLE_AHEAD: tl.constexpr,
     TABLE_LINES: tl.constexpr,
     SHIFT_TAIL: tl.constexpr,
+    TABLE_GUESS: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -148,6 +150,14 @@ def _decode_split_kernel(
         # wait in its turn
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    # Paged: the table entries of this program's first block, at its slice start as if the sequence
+    # were full (the lengths are being read next to them); the cache loop takes them when the guess
+    # holds (always with one split), saving one table round trip before the first gathers.
+    guess_lo = split * _slice_keys(key_capacity, num_splits, BLOCK_N)
+    guessed_pages = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if PAGED and TABLE_AHEAD and TABLE_GUESS:
+        guess_pos = guess_lo + tl.arange(0, BLOCK_N)
+        guessed_pages = page_entries(bt_row, guess_pos, guess_pos < key_capacity, page_size, max_pages_per_seq)
     if PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
         # Split 0 starts at key 0 whatever the lengths: ask the L2 for its first block before
         # reading them, so the first bulk copies do not wait on that load (-0.4 to -0.6 us on
@@ -233,14 +243,14 @@ def _decode_split_kernel(
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 lo, unmasked_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD)
+                TABLE_AHEAD, False, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START)
         if cache_hi > unmasked_hi:
             acc, l_i, m_i = online_softmax_blocks(
                 acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 unmasked_hi, cache_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD)
+                TABLE_AHEAD, False, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens and writes them into the cache after its own reads, as the
@@ -438,6 +448,9 @@ DECODE_PREFETCH = True
 # Hopper and newer: launch both kernels with programmatic dependent launch, so each one's launch
 # overlaps the tail of the kernel before it (each waits on it before reading anything)
 DECODE_PDL = True
+# Paged caches: read the block-table entries of each program's first block at the capacity-based
+# guess of its slice start right after the wait, next to the lengths (used when the guess holds)
+DECODE_TABLE_GUESS = True
 # Paged caches: ask the L2 for each program's block-table lines before waiting on the kernel before
 DECODE_TABLE_PREFETCH = True
 # Bulk copies: a partial last block read as the whole block ending at the slice's end, in the
@@ -538,6 +551,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
         # programs: 179 -> 209 us)
         SHIFT_TAIL=DECODE_SHIFT_TAIL and batch * num_kv_heads * num_splits <= sm_count,
+        TABLE_GUESS=DECODE_TABLE_GUESS,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
