@@ -168,9 +168,13 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, num_sp
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
 
 
-def test_paged_split_kv_long_sequences():
-    # decode over ~500-1000 tokens in pages of 16: the split-KV path walks many pages
-    case = dict(BASE, batch=3, s_q=1, lens=[1000, 129, 511], page_size=16, seed=5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_split_kv_long_sequences(dtype):
+    # decode over ~500-1000 tokens in pages of 16: the split-KV path walks many pages. 16-bit
+    # pools read the table a block ahead: the slices of the 1000-token sequence start where the
+    # capacity-based guess of each first block's table entries put them (the guess is used), those
+    # of the 129-token one do not (the entries are read again).
+    case = dict(BASE, batch=3, s_q=1, lens=[1000, 129, 511], page_size=16, dtype=dtype, seed=5)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(5))
 
 
