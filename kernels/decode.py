@@ -225,32 +225,27 @@ def _decode_split_kernel(
     # scores only, where a masked V would cost a trip through registers in every iteration.
     # Paged gathers with a partial block at the end run the whole slice masked in one loop (masked
     # gathers cost no more).
-    if TMA and SHIFT_TAIL and not HAS_KEY_START:
-        if cache_hi > lo:
+    ONE_LOOP: tl.constexpr = TMA and SHIFT_TAIL and not HAS_KEY_START
+    unmasked_hi = full_hi
+    if ONE_LOOP:
+        unmasked_hi = cache_hi
+    elif TABLE_AHEAD:
+        unmasked_hi = tl.where(cache_hi > full_hi, lo, full_hi)
+    # the whole blocks [lo, unmasked_hi) unmasked, then the rest [unmasked_hi, cache_hi) masked
+    # (ONE_LOOP: the first loop is the whole slice and no masked loop is compiled)
+    for MASKED in tl.static_range(1 if ONE_LOOP else 2):
+        seg_lo = lo
+        seg_hi = unmasked_hi
+        if MASKED:
+            seg_lo = unmasked_hi
+            seg_hi = cache_hi
+        if seg_hi > seg_lo:
             acc, l_i, m_i = online_softmax_blocks(
                 acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
-                lo, cache_hi, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, True)
-    else:
-        unmasked_hi = full_hi
-        if TABLE_AHEAD:
-            unmasked_hi = tl.where(cache_hi > full_hi, lo, full_hi)
-        if unmasked_hi > lo:
-            acc, l_i, m_i = online_softmax_blocks(
-                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
-                stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
-                lo, unmasked_hi, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, False, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, False, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START)
-        if cache_hi > unmasked_hi:
-            acc, l_i, m_i = online_softmax_blocks(
-                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
-                stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
-                unmasked_hi, cache_hi, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, False, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START)
+                seg_lo, seg_hi, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
+                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens and writes them into the cache after its own reads, as the
