@@ -169,16 +169,18 @@ def online_softmax_blocks(
     guess_lo=0,  # TABLE_GUESS: guessed_pages holds the block-table entries of keys [guess_lo, guess_lo +
     guessed_pages=0,  # BLOCK_N), read before lo was known; the first block takes them when lo == guess_lo
     TABLE_GUESS: tl.constexpr = False,
+    stride_blocks=1,  # the loop takes every stride_blocks-th block from lo (decode's interleaved splits)
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
     MASKED=False is the fast path for blocks every row sees entirely (no start/end/causal
-    masking); the caller proves that from the block bounds.
+    masking); the caller proves that from the block bounds. With stride_blocks > 1 the blocks
+    start at lo, lo + stride_blocks * BLOCK_N, ... below hi (the others belong to other programs).
 
     SHIFT_TAIL (bulk copies, every key in [hi - BLOCK_N, hi) a real one, not garbage): one loop
     over the whole range, whole blocks and a partial last one alike. That last block is copied
     as the BLOCK_N rows ending at hi (rows before the tensor come back as zeros), and the rows
-    already seen are masked out of the scores only, by starting their dot from -inf: V stays in
+    of earlier blocks (seen here or, interleaved, by another program) are masked out of the scores only, by starting their dot from -inf: V stays in
     shared memory, where masking it would cost a trip through registers, every row it holds is
     finite, and whole blocks pay no masking arithmetic after the dot (a branch choosing masked or
     unmasked arithmetic per block cost 0.1-0.2 us on 67 MB caches, NOTES.md).
@@ -193,7 +195,8 @@ def online_softmax_blocks(
             next_pages = tl.where(lo == guess_lo, guessed_pages, next_pages)
         else:
             next_pages = page_entries(block_table_row_ptr, first, first < hi, page_size, max_pages_per_seq)
-    for start_n in range(lo, hi, BLOCK_N):
+    step = BLOCK_N * stride_blocks
+    for start_n in range(lo, hi, step):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         want = (offs_n >= key_start) & (offs_n < key_end)
         if PAGED and TABLE_AHEAD:
@@ -201,7 +204,7 @@ def online_softmax_blocks(
             # stages early without waiting on it; rows of pages outside the pool read page 0
             # (garbage for a corrupt table, never memory outside the pool)
             pages = next_pages
-            next_pages = page_entries(block_table_row_ptr, offs_n + BLOCK_N, offs_n + BLOCK_N < hi, page_size,
+            next_pages = page_entries(block_table_row_ptr, offs_n + step, offs_n + step < hi, page_size,
                                       max_pages_per_seq)
             k_rows, _ = page_rows(pages, offs_n, stride_k_page, stride_k_seq, page_size, num_pages, WIDE_ROWS)
             v_rows = k_rows

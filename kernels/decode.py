@@ -2,9 +2,11 @@
 
 Stage 1, grid (split, batch * kv_head): every query row of one KV group (group_size heads x
 seqlen_q tokens) is packed into one [BLOCK_M, D] tile, so each K/V block is read from memory
-once per group, and one slice of the sequence is reduced with online softmax into a partial
-output plus its log-sum-exp. Stage 2 merges the slices; with one split, stage 1 writes the
-output itself and stage 2 is not launched.
+once per group, and one split of the sequence's key blocks is reduced with online softmax into
+a partial output plus its log-sum-exp. Stage 2 merges the splits; with one split, stage 1 writes
+the output itself and stage 2 is not launched. On contiguous caches split s takes key blocks s,
+s + splits, ... (the splits of a sequence read neighbouring blocks at the same time); on paged
+pools each split is one slice of consecutive blocks.
 
 Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no launch of its own:
 stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
@@ -132,6 +134,7 @@ def _decode_split_kernel(
     TABLE_LINES: tl.constexpr,
     SHIFT_TAIL: tl.constexpr,
     TABLE_GUESS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -194,6 +197,14 @@ def _decode_split_kernel(
     chunk = _slice_keys(span, num_splits, BLOCK_N)
     lo = key_start + split * chunk
     hi = tl.minimum(lo + chunk, key_end)
+    stride_blocks = 1
+    if INTERLEAVED:
+        # contiguous caches: split s takes blocks s, s + num_splits, ... of the whole range instead,
+        # so the splits of a sequence stream neighbouring blocks at the same time (8x32/4x8192x64
+        # 26.24 -> 25.82 us, 1x32/8x32768x128 47.43 -> 47.07 on the H100, NOTES.md)
+        lo = key_start + split * BLOCK_N
+        hi = key_end
+        stride_blocks = num_splits
 
     k_base = kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED)
     v_base = kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED)
@@ -237,7 +248,10 @@ def _decode_split_kernel(
         seg_lo = lo
         seg_hi = unmasked_hi
         if MASKED:
+            # the first of this program's blocks at or after unmasked_hi
             seg_lo = unmasked_hi
+            if INTERLEAVED:
+                seg_lo = lo + tl.cdiv(tl.maximum(unmasked_hi - lo, 0), BLOCK_N * stride_blocks) * (BLOCK_N * stride_blocks)
             seg_hi = cache_hi
         if seg_hi > seg_lo:
             acc, l_i, m_i = online_softmax_blocks(
@@ -245,7 +259,7 @@ def _decode_split_kernel(
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START)
+                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START, stride_blocks)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens and writes them into the cache after its own reads, as the
@@ -451,6 +465,9 @@ DECODE_TABLE_PREFETCH = True
 # Bulk copies: a partial last block read as the whole block ending at the slice's end, in the
 # main pipelined loop (one pipeline, not a second masked loop)
 DECODE_SHIFT_TAIL = True
+# Contiguous caches with splits: split s takes key blocks s, s + splits, ... instead of one slice
+# (paged pools keep slices: interleaved blocks measured slower there, NOTES.md)
+DECODE_INTERLEAVED = True
 
 
 def _prefetch_lines(head_dim: int, element_size: int) -> dict:
@@ -511,6 +528,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # the split kernel's own new tokens (one split): one key folds in elementwise, several form a
     # tl.dot operand (at least 16 rows)
     block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
+    interleaved = DECODE_INTERLEAVED and not paged and not direct
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
@@ -547,6 +565,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         # programs: 179 -> 209 us)
         SHIFT_TAIL=DECODE_SHIFT_TAIL and batch * num_kv_heads * num_splits <= sm_count,
         TABLE_GUESS=DECODE_TABLE_GUESS,
+        INTERLEAVED=interleaved,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
