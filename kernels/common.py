@@ -179,11 +179,12 @@ def online_softmax_blocks(
 
     SHIFT_TAIL (bulk copies, every key in [hi - BLOCK_N, hi) a real one, not garbage): one loop
     over the whole range, whole blocks and a partial last one alike. That last block is copied
-    as the BLOCK_N rows ending at hi (rows before the tensor come back as zeros), and the rows
-    of earlier blocks (seen here or, interleaved, by another program) are masked out of the scores only, by starting their dot from -inf: V stays in
-    shared memory, where masking it would cost a trip through registers, every row it holds is
-    finite, and whole blocks pay no masking arithmetic after the dot (a branch choosing masked or
-    unmasked arithmetic per block cost 0.1-0.2 us on 67 MB caches, NOTES.md).
+    as the BLOCK_N rows ending at hi (rows before the tensor come back as zeros), and the rows of
+    earlier blocks (seen here or, interleaved, by another program) are masked out of the scores
+    only, by starting their dot from -inf: V stays in shared memory, where masking it would cost
+    a trip through registers, every row it holds is finite, and whole blocks pay no masking
+    arithmetic after the dot (a branch choosing masked or unmasked arithmetic per block cost
+    0.1-0.2 us on 67 MB caches, NOTES.md).
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM

@@ -156,9 +156,11 @@ def _decode_split_kernel(
     # Paged: the table entries of this program's first block, at its slice start as if the sequence
     # were full (the lengths are being read next to them); the cache loop takes them when the guess
     # holds (always with one split), saving one table round trip before the first gathers.
+    # (with a key start the slices do not start at the guess: nothing is read for it)
+    USE_GUESS: tl.constexpr = PAGED and TABLE_AHEAD and TABLE_GUESS and not HAS_KEY_START
     guess_lo = split * _slice_keys(key_capacity, num_splits, BLOCK_N)
     guessed_pages = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if PAGED and TABLE_AHEAD and TABLE_GUESS:
+    if USE_GUESS:
         guess_pos = guess_lo + tl.arange(0, BLOCK_N)
         guessed_pages = page_entries(bt_row, guess_pos, guess_pos < key_capacity, page_size, max_pages_per_seq)
     if PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
@@ -248,10 +250,14 @@ def _decode_split_kernel(
         seg_lo = lo
         seg_hi = unmasked_hi
         if MASKED:
-            # the first of this program's blocks at or after unmasked_hi
+            # the first of this program's blocks at or after unmasked_hi: unmasked_hi itself when
+            # the blocks are consecutive. The rounding is compiled for interleaved programs only:
+            # a no-op elsewhere, it still made Triton 3.6 schedule the paged kernel 1.6 us slower
+            # (8x32/4x8192x64, NOTES.md tenth round)
             seg_lo = unmasked_hi
             if INTERLEAVED:
-                seg_lo = lo + tl.cdiv(tl.maximum(unmasked_hi - lo, 0), BLOCK_N * stride_blocks) * (BLOCK_N * stride_blocks)
+                step = BLOCK_N * stride_blocks
+                seg_lo = lo + tl.cdiv(tl.maximum(unmasked_hi - lo, 0), step) * step
             seg_hi = cache_hi
         if seg_hi > seg_lo:
             acc, l_i, m_i = online_softmax_blocks(
@@ -259,7 +265,7 @@ def _decode_split_kernel(
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, TABLE_GUESS and not HAS_KEY_START, stride_blocks)
+                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens and writes them into the cache after its own reads, as the
