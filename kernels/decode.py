@@ -19,7 +19,11 @@ at once (nothing it launches reads before waiting for it to end).
 Paged pools gather K/V rows through the block table, which stage 1 reads one key block ahead
 of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
 stages early instead of waiting on the table; the table lines of each program's slice are asked
-of the L2 before the wait on the previous kernel.
+of the L2 before the wait on the previous kernel. With one wave of programs, each one works out
+before that wait the order to visit its slice's pages in (ascending pool address, so all programs
+sweep the pool together whatever order the allocator left the pages in) and, after it, reads the
+pages in that order from a scratch row; programs that take a whole SM also ask the L2 for their
+first block before the wait.
 
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
@@ -47,6 +51,7 @@ from .common import (
     online_softmax_blocks,
     online_softmax_step,
     page_entries,
+    page_rows,
     paged_row_flags,
     prefetch_kv_to_l2,
 )
@@ -56,6 +61,19 @@ from .common import (
 def _slice_keys(span, num_splits, BLOCK_N: tl.constexpr):
     """Keys of each split's slice of ``span`` keys, in whole blocks (`_table_lines` on the host)."""
     return tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _visit_order(entries, slice_pages, num_pages, SORT_PAGES: tl.constexpr):
+    """The slots of a slice's block-table entries ([SORT_PAGES], entry j for the slice's page slot
+    j) in the order to visit them: whole pages in pool order (entries outside the pool where
+    `page_rows` reads them, as page 0), then the slice's last page, which keeps its place at the end
+    (the only one a length can leave partly filled, masked by its position), then the slots past
+    the slice. A sort of keys page * SORT_PAGES + j: distinct, and each names its slot."""
+    j = tl.arange(0, SORT_PAGES)
+    page = tl.where((entries >= 0) & (entries < num_pages), entries, 0)
+    page = tl.where(j < slice_pages - 1, page, tl.where(j == slice_pages - 1, num_pages, num_pages + 1))
+    return tl.sort(page * SORT_PAGES + j) % SORT_PAGES
 
 
 @triton.jit
@@ -90,6 +108,7 @@ def _decode_split_kernel(
     BlockTable,
     KNew,  # APPEND and DIRECT: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
     VNew,
+    VisitTable,  # SORT_PAGES: int32 [grid, SORT_PAGES], each program's table entries in visiting order
     # -- sizes
     num_kv_heads,
     group_size,
@@ -135,6 +154,8 @@ def _decode_split_kernel(
     SHIFT_TAIL: tl.constexpr,
     TABLE_GUESS: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    SORT_PAGES: tl.constexpr,
+    EARLY_PREFETCH: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -147,6 +168,40 @@ def _decode_split_kernel(
         # A hint only: it moves nothing into registers and stays inside the table.
         first = split * _slice_keys(key_capacity, num_splits, BLOCK_N) // page_size
         l2_prefetch(bt_row + tl.minimum(first + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1))
+    if SORT_PAGES > 0:
+        # The order to visit the slice's pages in, worked out while the kernel before this one
+        # drains, from the table as it reads now (compared with the table after the wait): pool
+        # order, so every program sweeps the pool from low to high addresses at about the same
+        # pace (randomly placed 16-key pages, 8x32/4x8192x64: 27.4 -> 26.9 us on the H100, NOTES.md
+        # eleventh round). The slice is the one a full sequence gives; the table is read past the
+        # L1 (".cg"), where no line read before the wait could linger.
+        cap_chunk = _slice_keys(key_capacity, num_splits, BLOCK_N)
+        visit_slots = split * cap_chunk // page_size + tl.arange(0, SORT_PAGES)
+        slot_in = (tl.arange(0, SORT_PAGES) < cap_chunk // page_size) & (visit_slots < max_pages_per_seq)
+        seen_entries = tl.load(bt_row + visit_slots, mask=slot_in, other=-1, cache_modifier=".cg")
+        visit_entries = tl.gather(seen_entries, _visit_order(seen_entries, cap_chunk // page_size, num_pages,
+                                                             SORT_PAGES), 0)
+        # the first block's entries, one per key, for the loop to start from without a table read
+        visit_first = tl.gather(visit_entries, tl.minimum(tl.arange(0, BLOCK_N) // page_size, SORT_PAGES - 1), 0)
+    if EARLY_PREFETCH:
+        # One program per SM (its shared memory takes more than half of one): it starts as the
+        # program before it on this SM ends, so the rows of its first block (as a full sequence
+        # places it) are asked of the L2 now, while the kernel before drains and DRAM idles
+        # (1x32/8x32768x128: 49.4 -> 47.5 us, NOTES.md eleventh round; with programs sharing an
+        # SM it starts too early and cost 1 us). Hints only, inside the pool (`page_rows`).
+        offs_t = tl.arange(0, BLOCK_N)
+        if SORT_PAGES > 0:
+            first_pages = visit_first
+        else:
+            first_pos = split * _slice_keys(key_capacity, num_splits, BLOCK_N) + offs_t
+            first_pages = tl.load(bt_row + first_pos // page_size, mask=first_pos < key_capacity, other=-1,
+                                  cache_modifier=".cg")
+        line = tl.arange(0, PREFETCH_LINES) * PREFETCH_LINE_ELEMS
+        first_rows, _ = page_rows(first_pages, offs_t, stride_k_b, stride_k_s, page_size, num_pages, WIDE_ROWS)
+        l2_prefetch(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED) + first_rows[:, None] + line[None, :])
+        if not SHARED_ROWS:
+            first_rows, _ = page_rows(first_pages, offs_t, stride_v_b, stride_v_s, page_size, num_pages, WIDE_ROWS)
+        l2_prefetch(kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED) + first_rows[:, None] + line[None, :])
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
@@ -163,7 +218,9 @@ def _decode_split_kernel(
     if USE_GUESS:
         guess_pos = guess_lo + tl.arange(0, BLOCK_N)
         guessed_pages = page_entries(bt_row, guess_pos, guess_pos < key_capacity, page_size, max_pages_per_seq)
-    if PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
+    if SORT_PAGES > 0:
+        now_entries = tl.load(bt_row + visit_slots, mask=slot_in, other=-1, cache_modifier=".cg")
+    if PREFETCH and not EARLY_PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
         # Split 0 starts at key 0 whatever the lengths: ask the L2 for its first block before
         # reading them, so the first bulk copies do not wait on that load (-0.4 to -0.6 us on
         # 67-134 MB caches, NOTES.md). Slots past the length are valid memory, merely unused.
@@ -246,6 +303,20 @@ def _decode_split_kernel(
         unmasked_hi = tl.where(cache_hi > full_hi, lo, full_hi)
     # the whole blocks [lo, unmasked_hi) unmasked, then the rest [unmasked_hi, cache_hi) masked
     # (ONE_LOOP: the first loop is the whole slice and no masked loop is compiled)
+    table_row = bt_row
+    if SORT_PAGES > 0:
+        # The loop reads the pages in visiting order from this program's row of VisitTable (as if
+        # it were the table) when the table did not change since the order was worked out and the
+        # slice is the full-sequence one with whole pages up to its last (only that one is masked
+        # by position, and it kept its place); the row is written only after the wait, when no
+        # earlier launch can still read it.
+        stale = tl.max((now_entries != seen_entries).to(tl.int32), 0)
+        sorted_ok = (stale == 0) & (lo == guess_lo) & (cache_hi > lo + cap_chunk - page_size)
+        visit_row = VisitTable + (pid * num_splits + split).to(tl.int64) * SORT_PAGES
+        tl.store(visit_row + tl.arange(0, SORT_PAGES), visit_entries, mask=tl.where(sorted_ok, slot_in, False))
+        tl.debug_barrier()  # the loop's threads read entries other threads wrote
+        table_row = tl.where(sorted_ok, visit_row - guess_lo // page_size, bt_row)
+        guessed_pages = tl.where(sorted_ok, visit_first, guessed_pages)
     for MASKED in tl.static_range(1 if ONE_LOOP else 2):
         seg_lo = lo
         seg_hi = unmasked_hi
@@ -261,7 +332,7 @@ def _decode_split_kernel(
             seg_hi = cache_hi
         if seg_hi > seg_lo:
             acc, l_i, m_i = online_softmax_blocks(
-                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
+                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, table_row, stride_k_b, stride_k_s, stride_v_b,
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
@@ -475,6 +546,43 @@ DECODE_SHIFT_TAIL = True
 # (paged pools keep slices: interleaved blocks measured slower there, NOTES.md)
 DECODE_INTERLEAVED = True
 
+# Paged 16-bit pools, one wave of programs with programmatic dependent launch: each program visits
+# its slice's pages in pool order, worked out before the wait on the kernel before it
+DECODE_SORT_PAGES = True
+# Paged 16-bit pools, one wave of programs that take a whole SM each: every program asks the L2
+# for its first block before the wait on the kernel before it (else split 0 asks after it)
+DECODE_EARLY_PREFETCH = True
+
+
+def _sort_pages(paged_ahead: bool, early: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int,
+                num_splits: int, block_n: int, page_size: int, num_pages: int) -> int:
+    """Table entries each program sorts to visit its pages in pool order (`_visit_order`), a power
+    of two covering the slice a full sequence gives it; 0 for none. None: the flag off; pools with
+    no table read ahead (float32); no early start to hide the sort in (``early``: one wave of
+    programs launched early, or the interpreter, which tests the sort); a key start or a causal
+    diagonal inside the cache (masks by position on pages other than the last); pages that do not
+    tile a key block; more than 256 pages a slice; sort keys past 31 bits."""
+    if not (DECODE_SORT_PAGES and paged_ahead and early) or has_key_start or diagonal_in_cache:
+        return 0
+    if block_n % page_size:
+        return 0
+    slice_pages = triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n // page_size
+    entries = max(2, next_power_of_2(slice_pages))
+    return entries if entries <= 256 and (num_pages + 2) * entries < 2**31 else 0
+
+
+def _whole_sm(cfg: dict, element_size: int, device_index: int) -> bool:
+    """Whether one split program's K/V buffers (``num_stages - 1`` blocks of K and of V in flight)
+    take more than half of an SM's shared memory, so no program of the next kernel fits beside it."""
+    buffers = (cfg["num_stages"] - 1) * cfg["BLOCK_N"] * cfg["BLOCK_D"] * element_size * 2
+    return 2 * buffers > _smem_per_sm(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_sm(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+
 
 def _prefetch_lines(head_dim: int, element_size: int) -> dict:
     """128-byte L2 lines per K/V row (a power of two, at most the row) and the elements in each."""
@@ -535,12 +643,19 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # tl.dot operand (at least 16 rows)
     block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
     interleaved = DECODE_INTERLEAVED and not paged and not direct
+    # paged pools read a block ahead, one wave of programs launched early: work before the wait on
+    # the kernel before hides behind it
+    early = paged and cfg["TABLE_AHEAD"] and pdl and batch * num_kv_heads * num_splits <= sm_count
+    sort_pages = _sort_pages(paged and cfg["TABLE_AHEAD"], early or interpret, key_start is not None,
+                             causal and not append, key_capacity, num_splits, cfg["BLOCK_N"], page_size, num_pages)
+    visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
+                   if sort_pages else dummy)
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
         q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
         key_start if key_start is not None else dummy,
         dummy,
         block_table if paged else dummy,
-        new_k, new_v,
+        new_k, new_v, visit_table,
         num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, new_k.shape[2], key_capacity, key_end_offset,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -565,13 +680,16 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         PREFETCH=DECODE_PREFETCH and l2_hints,
         **_prefetch_lines(head_dim, k.element_size()),
         TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size)
-        if paged and DECODE_TABLE_PREFETCH and l2_hints else 0,
+        if paged and DECODE_TABLE_PREFETCH and l2_hints and not sort_pages else 0,
         # one wave of programs (its pipeline fill is not hidden behind other programs); with more,
         # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
         # programs: 179 -> 209 us)
         SHIFT_TAIL=DECODE_SHIFT_TAIL and batch * num_kv_heads * num_splits <= sm_count,
         TABLE_GUESS=DECODE_TABLE_GUESS,
         INTERLEAVED=interleaved,
+        SORT_PAGES=sort_pages,
+        EARLY_PREFETCH=DECODE_EARLY_PREFETCH and early and l2_hints and _whole_sm(cfg, k.element_size(),
+                                                                                  q.device.index or 0),
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

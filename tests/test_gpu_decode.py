@@ -10,6 +10,8 @@ import logging
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -371,6 +373,72 @@ def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
             cache.advance(seq, n - 1)
     assert cache.block_table.data_ptr() == table_ptr and cache.seqlens.data_ptr() == lens_ptr
     assert int(cache.seqlens.min()) > 4000 and checked >= 10
+
+
+@triton.jit
+def _rewrite_table_late(Table, NewTable, n, delay_ns, BLOCK: tl.constexpr):
+    """Let the next kernel launch at once, wait ``delay_ns``, then copy NewTable over Table: a
+    kernel before the decode that rewrites the block table while the decode is already running
+    the part before its wait (programmatic dependent launch)."""
+    tl.extra.cuda.gdc_launch_dependents()
+    start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [n], dtype=tl.int64, is_pure=False,
+                                      pack=1)
+    now = start
+    while now - start < delay_ns:
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [n], dtype=tl.int64,
+                                        is_pure=False, pack=1)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        tl.store(Table + offs, tl.load(NewTable + offs, mask=offs < n), mask=offs < n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs Hopper")
+def test_paged_decode_table_rewritten_while_it_starts():
+    # Paged decode works out each program's page order before waiting on the kernel before it,
+    # from the table as it reads then. Here that kernel rewrites the table after letting the decode
+    # start: the table read early maps to one copy of the cache, the final table to another. The
+    # decode must notice the change after its wait and read the final table's pages.
+    page_size, dtype, batch, hq, hkv, d, s = 16, torch.float16, 8, 32, 4, 64, 2048
+    pages_per_seq = s // page_size
+    n_pages = batch * pages_per_seq
+    g = torch.Generator().manual_seed(11)
+    want_k, want_v, old_k, old_v = (randn((batch, hkv, s, d), dtype, DEVICE, generator=g) for _ in range(4))
+    final = torch.randperm(n_pages, generator=g).view(batch, pages_per_seq).to(torch.int32).to(DEVICE)
+    early = (torch.randperm(n_pages, generator=g).view(batch, pages_per_seq) + n_pages).to(torch.int32).to(DEVICE)
+    k_pages = torch.empty((2 * n_pages, hkv, page_size, d), dtype=dtype, device=DEVICE)
+    v_pages = torch.empty_like(k_pages)
+    for table, k_src, v_src in ((final, want_k, want_v), (early, old_k, old_v)):
+        as_pages = (lambda x: x.view(batch, hkv, pages_per_seq, page_size, d).transpose(1, 2)
+                    .reshape(n_pages, hkv, page_size, d))
+        k_pages[table.flatten().long()] = as_pages(k_src)
+        v_pages[table.flatten().long()] = as_pages(v_src)
+    q = randn((batch, hq, 1, d), dtype, DEVICE, generator=g)
+    lens = torch.full((batch,), s, dtype=torch.int32, device=DEVICE)
+    live = early.clone()
+
+    def step():
+        _rewrite_table_late[(1,)](live, final, live.numel(), 50_000, BLOCK=1024)
+        return fkv.attention_with_kv_cache(q, k_pages, v_pages, lens, block_table=live)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            live.copy_(early)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()  # captured: no eager checks that would wait for the rewrite
+    with torch.cuda.graph(graph):
+        out = step()
+    want, _, _ = kv_cache_ref(q, want_k, want_v, lens)
+    lowp = _lowp_kv_ref(q, want_k, want_v, [s] * batch, True)
+    for i in range(5):
+        live.copy_(early)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(live, final)
+        assert_close_to_ref(out, want, lowp, what=f"replay {i}")
 
 
 class _Collect(logging.Handler):

@@ -6,6 +6,8 @@ Logical position ``p`` of sequence ``b`` lives in page ``block_table[b, p // pag
 arbitrary valid pages: neither may be read or written.
 """
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -166,6 +168,28 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, num_sp
     case = dict(BASE, batch=3, s_q=s_q, lens=[0, 15, 100], page_size=16, dtype=dtype,
                 garbage="nan", seed=num_splits * 10 + s_q)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+
+
+@pytest.mark.parametrize("page_size", [4, 8, 16])
+@pytest.mark.parametrize("s_q,with_new,lens", [
+    (1, True, [127, 125, 118, 64]),   # one new token: the pool full after it, last pages partly filled
+    (1, False, [128, 126, 119, 60]),
+    (2, True, [126, 121, 117, 33]),   # two new tokens (causal, appended after the cache's keys)
+])
+def test_paged_decode_visits_whole_pages_in_pool_order(monkeypatch, page_size, s_q, with_new, lens):
+    # 16-bit decode where the slice a full sequence gives each program is (nearly) full: the
+    # program visits the slice's whole pages sorted by pool address, its last page (partly
+    # filled here) kept last and masked by position; shorter slices visit in slot order
+    from flashkv_ops.kernels import decode
+
+    sorts = []
+    real = decode._sort_pages
+    monkeypatch.setattr(decode, "_sort_pages", lambda *args: sorts.append(real(*args)) or sorts[-1])
+    case = dict(BASE, batch=len(lens), s_q=s_q, lens=lens, page_size=page_size, dtype=torch.float16,
+                with_new=with_new, extra_pages=3, extra_columns=0, garbage="nan", seed=page_size + 7 * s_q)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
+        assert sorts and sorts[0] > 0, "the paged call did not sort its pages"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
