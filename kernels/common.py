@@ -94,6 +94,14 @@ def prefetch_kv_to_l2(K, V, block_table_row_ptr, positions, stride_k_page, strid
     k_rows, _, v_rows, _ = kv_rows(block_table_row_ptr, positions, positions >= 0, stride_k_page, stride_k_seq,
                                    stride_v_page, stride_v_seq, page_size, num_pages, max_pages_per_seq, PAGED,
                                    SHARED_ROWS, WIDE_ROWS)
+    prefetch_rows_to_l2(K, V, k_rows, v_rows, LINES, LINE_ELEMS)
+
+
+@triton.jit
+def prefetch_rows_to_l2(K, V, k_rows, v_rows, LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
+    """Ask the L2 for LINES 128-byte lines of LINE_ELEMS elements from the start of each K row
+    ``K + k_rows`` and V row ``V + v_rows`` (element offsets, [N]): hints that move nothing into
+    registers."""
     line = tl.arange(0, LINES) * LINE_ELEMS
     l2_prefetch(K + k_rows[:, None] + line[None, :])
     l2_prefetch(V + v_rows[:, None] + line[None, :])

@@ -54,6 +54,7 @@ from .common import (
     page_rows,
     paged_row_flags,
     prefetch_kv_to_l2,
+    prefetch_rows_to_l2,
 )
 
 
@@ -196,12 +197,13 @@ def _decode_split_kernel(
             first_pos = split * _slice_keys(key_capacity, num_splits, BLOCK_N) + offs_t
             first_pages = tl.load(bt_row + first_pos // page_size, mask=first_pos < key_capacity, other=-1,
                                   cache_modifier=".cg")
-        line = tl.arange(0, PREFETCH_LINES) * PREFETCH_LINE_ELEMS
-        first_rows, _ = page_rows(first_pages, offs_t, stride_k_b, stride_k_s, page_size, num_pages, WIDE_ROWS)
-        l2_prefetch(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED) + first_rows[:, None] + line[None, :])
+        k_rows, _ = page_rows(first_pages, offs_t, stride_k_b, stride_k_s, page_size, num_pages, WIDE_ROWS)
+        v_rows = k_rows
         if not SHARED_ROWS:
-            first_rows, _ = page_rows(first_pages, offs_t, stride_v_b, stride_v_s, page_size, num_pages, WIDE_ROWS)
-        l2_prefetch(kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED) + first_rows[:, None] + line[None, :])
+            v_rows, _ = page_rows(first_pages, offs_t, stride_v_b, stride_v_s, page_size, num_pages, WIDE_ROWS)
+        prefetch_rows_to_l2(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED),
+                            kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED), k_rows, v_rows, PREFETCH_LINES,
+                            PREFETCH_LINE_ELEMS)
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
