@@ -60,7 +60,7 @@ from .common import (
 
 @triton.jit
 def _slice_keys(span, num_splits, BLOCK_N: tl.constexpr):
-    """Keys of each split's slice of ``span`` keys, in whole blocks (`_table_lines` on the host)."""
+    """Keys of each split's slice of ``span`` keys, in whole blocks (`_capacity_slice_keys` on the host)."""
     return tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
 
 
@@ -163,12 +163,14 @@ def _decode_split_kernel(
     b = pid // num_kv_heads
     kv_h = pid % num_kv_heads
     bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+    # this program's slice as a full sequence places it (the lengths cannot be read before the wait)
+    cap_chunk = _slice_keys(key_capacity, num_splits, BLOCK_N)
+    guess_lo = split * cap_chunk
     if PAGED and TABLE_LINES > 0 and key_capacity > 0:
         # The block-table lines of this program's slice (placed as if every sequence were full:
         # the lengths cannot be read yet), asked of the L2 while the kernel before this one drains.
         # A hint only: it moves nothing into registers and stays inside the table.
-        first = split * _slice_keys(key_capacity, num_splits, BLOCK_N) // page_size
-        l2_prefetch(bt_row + tl.minimum(first + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1))
+        l2_prefetch(bt_row + tl.minimum(guess_lo // page_size + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1))
     if SORT_PAGES > 0:
         # The order to visit the slice's pages in, worked out while the kernel before this one
         # drains, from the table as it reads now (compared with the table after the wait): pool
@@ -176,8 +178,7 @@ def _decode_split_kernel(
         # pace (randomly placed 16-key pages, 8x32/4x8192x64: 27.4 -> 26.9 us on the H100, NOTES.md
         # eleventh round). The slice is the one a full sequence gives; the table is read past the
         # L1 (".cg"), where no line read before the wait could linger.
-        cap_chunk = _slice_keys(key_capacity, num_splits, BLOCK_N)
-        visit_slots = split * cap_chunk // page_size + tl.arange(0, SORT_PAGES)
+        visit_slots = guess_lo // page_size + tl.arange(0, SORT_PAGES)
         slot_in = (tl.arange(0, SORT_PAGES) < cap_chunk // page_size) & (visit_slots < max_pages_per_seq)
         seen_entries = tl.load(bt_row + visit_slots, mask=slot_in, other=-1, cache_modifier=".cg")
         visit_entries = tl.gather(seen_entries, _visit_order(seen_entries, cap_chunk // page_size, num_pages,
@@ -194,7 +195,7 @@ def _decode_split_kernel(
         if SORT_PAGES > 0:
             first_pages = visit_first
         else:
-            first_pos = split * _slice_keys(key_capacity, num_splits, BLOCK_N) + offs_t
+            first_pos = guess_lo + offs_t
             first_pages = tl.load(bt_row + first_pos // page_size, mask=first_pos < key_capacity, other=-1,
                                   cache_modifier=".cg")
         k_rows, _ = page_rows(first_pages, offs_t, stride_k_b, stride_k_s, page_size, num_pages, WIDE_ROWS)
@@ -215,7 +216,6 @@ def _decode_split_kernel(
     # holds (always with one split), saving one table round trip before the first gathers.
     # (with a key start the slices do not start at the guess: nothing is read for it)
     USE_GUESS: tl.constexpr = PAGED and TABLE_AHEAD and TABLE_GUESS and not HAS_KEY_START
-    guess_lo = split * _slice_keys(key_capacity, num_splits, BLOCK_N)
     guessed_pages = tl.zeros([BLOCK_N], dtype=tl.int32)
     if USE_GUESS:
         guess_pos = guess_lo + tl.arange(0, BLOCK_N)
@@ -556,19 +556,22 @@ DECODE_SORT_PAGES = True
 DECODE_EARLY_PREFETCH = True
 
 
-def _sort_pages(paged_ahead: bool, early: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int,
-                num_splits: int, block_n: int, page_size: int, num_pages: int) -> int:
+def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:
+    """Keys of each split's slice of a full sequence, in whole blocks (`_slice_keys` in the kernel)."""
+    return triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n
+
+
+def _sort_pages(early: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int, num_splits: int,
+                block_n: int, page_size: int, num_pages: int) -> int:
     """Table entries each program sorts to visit its pages in pool order (`_visit_order`), a power
-    of two covering the slice a full sequence gives it; 0 for none. None: the flag off; pools with
-    no table read ahead (float32); no early start to hide the sort in (``early``: one wave of
-    programs launched early, or the interpreter, which tests the sort); a key start or a causal
+    of two covering the slice a full sequence gives it; 0 for none. None: the flag off; no early
+    start to hide the sort in (``early``: a pool read a block ahead, 16-bit, with one wave of
+    programs launched early, or under the interpreter, which tests the sort); a key start or a causal
     diagonal inside the cache (masks by position on pages other than the last); pages that do not
     tile a key block; more than 256 pages a slice; sort keys past 31 bits."""
-    if not (DECODE_SORT_PAGES and paged_ahead and early) or has_key_start or diagonal_in_cache:
+    if not (DECODE_SORT_PAGES and early) or has_key_start or diagonal_in_cache or block_n % page_size:
         return 0
-    if block_n % page_size:
-        return 0
-    slice_pages = triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n // page_size
+    slice_pages = _capacity_slice_keys(key_capacity, num_splits, block_n) // page_size
     entries = max(2, next_power_of_2(slice_pages))
     return entries if entries <= 256 and (num_pages + 2) * entries < 2**31 else 0
 
@@ -596,7 +599,7 @@ def _prefetch_lines(head_dim: int, element_size: int) -> dict:
 def _table_lines(key_capacity: int, num_splits: int, block_n: int, page_size: int) -> int:
     """128-byte lines of block-table entries (32 int32) covering one program's slice (`_slice_keys`
     of the capacity), a power of two (one more line for a slice that starts mid-line), at most 64."""
-    slice_keys = triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n
+    slice_keys = _capacity_slice_keys(key_capacity, num_splits, block_n)
     return min(64, next_power_of_2(triton.cdiv(triton.cdiv(slice_keys, page_size), 32) + 1))
 
 
@@ -646,10 +649,10 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
-    # the kernel before hides behind it
-    early = paged and cfg["TABLE_AHEAD"] and pdl and batch * num_kv_heads * num_splits <= sm_count
-    sort_pages = _sort_pages(paged and cfg["TABLE_AHEAD"], early or interpret, key_start is not None,
-                             causal and not append, key_capacity, num_splits, cfg["BLOCK_N"], page_size, num_pages)
+    # the kernel before hides behind it (the interpreter runs that work too, to test it)
+    early = paged and cfg["TABLE_AHEAD"] and (interpret or pdl and batch * num_kv_heads * num_splits <= sm_count)
+    sort_pages = _sort_pages(early, key_start is not None, causal and not append, key_capacity, num_splits,
+                             cfg["BLOCK_N"], page_size, num_pages)
     visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
                    if sort_pages else dummy)
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](

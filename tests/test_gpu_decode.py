@@ -408,9 +408,10 @@ def test_paged_decode_table_rewritten_while_it_starts():
     early = (torch.randperm(n_pages, generator=g).view(batch, pages_per_seq) + n_pages).to(torch.int32).to(DEVICE)
     k_pages = torch.empty((2 * n_pages, hkv, page_size, d), dtype=dtype, device=DEVICE)
     v_pages = torch.empty_like(k_pages)
+    def as_pages(x):  # [B, H, S, D] -> the pages of each sequence in order, [B * S / page_size, H, page_size, D]
+        return x.view(batch, hkv, pages_per_seq, page_size, d).transpose(1, 2).reshape(n_pages, hkv, page_size, d)
+
     for table, k_src, v_src in ((final, want_k, want_v), (early, old_k, old_v)):
-        as_pages = (lambda x: x.view(batch, hkv, pages_per_seq, page_size, d).transpose(1, 2)
-                    .reshape(n_pages, hkv, page_size, d))
         k_pages[table.flatten().long()] = as_pages(k_src)
         v_pages[table.flatten().long()] = as_pages(v_src)
     q = randn((batch, hq, 1, d), dtype, DEVICE, generator=g)
