@@ -189,19 +189,23 @@ def _decode_split_kernel(
         # One program per SM (its shared memory takes more than half of one): it starts as the
         # program before it on this SM ends, so the rows of its first block (as a full sequence
         # places it) are asked of the L2 now, while the kernel before drains and DRAM idles
-        # (1x32/8x32768x128: 49.4 -> 47.5 us, NOTES.md eleventh round; with programs sharing an
-        # SM it starts too early and cost 1 us). Hints only, inside the pool (`page_rows`).
+        # (1x32/8x32768x128 paged: 49.4 -> 47.5 us, NOTES.md eleventh round; 8x32/4x8192x64
+        # contiguous 25.8 -> 24.9, twelfth; with programs sharing an SM it starts too early and
+        # cost 1 us). Hints only, inside the cache (`page_rows`, positions clamped to the capacity).
         offs_t = tl.arange(0, BLOCK_N)
-        if SORT_PAGES > 0:
-            first_pages = visit_first
+        first_pos = tl.minimum((split * BLOCK_N if INTERLEAVED else guess_lo) + offs_t, key_capacity - 1)
+        if PAGED:
+            if SORT_PAGES > 0:
+                first_pages = visit_first
+            else:
+                first_pages = tl.load(bt_row + first_pos // page_size, cache_modifier=".cg")
+            k_rows, _ = page_rows(first_pages, first_pos, stride_k_b, stride_k_s, page_size, num_pages, WIDE_ROWS)
+            v_rows = k_rows
+            if not SHARED_ROWS:
+                v_rows, _ = page_rows(first_pages, first_pos, stride_v_b, stride_v_s, page_size, num_pages, WIDE_ROWS)
         else:
-            first_pos = guess_lo + offs_t
-            first_pages = tl.load(bt_row + first_pos // page_size, mask=first_pos < key_capacity, other=-1,
-                                  cache_modifier=".cg")
-        k_rows, _ = page_rows(first_pages, offs_t, stride_k_b, stride_k_s, page_size, num_pages, WIDE_ROWS)
-        v_rows = k_rows
-        if not SHARED_ROWS:
-            v_rows, _ = page_rows(first_pages, offs_t, stride_v_b, stride_v_s, page_size, num_pages, WIDE_ROWS)
+            k_rows = first_pos * stride_k_s
+            v_rows = first_pos * stride_v_s
         prefetch_rows_to_l2(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED),
                             kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED), k_rows, v_rows, PREFETCH_LINES,
                             PREFETCH_LINE_ELEMS)
@@ -493,8 +497,11 @@ def _split_count(programs: int, sm_count: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
-            dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool) -> dict:
-    """Tile sizes and the split count, from static information only (never from lengths)."""
+            dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool, early_launch: bool = False,
+            smem_per_sm: int = 228 * 1024) -> dict:
+    """Tile sizes and the split count, from static information only (never from lengths).
+    ``early_launch``: the split kernel launches before the kernel ahead of it ends (programmatic
+    dependent launch); ``smem_per_sm``: shared memory bytes per SM."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
@@ -525,6 +532,15 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         num_splits, stages = triton.cdiv(3 * sm_count, programs), 2
     # never slices shorter than two blocks
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
+    if early_launch and not wide and (table_ahead or not paged) and batch * num_kv_heads * num_splits <= sm_count:
+        # One wave of programs launched early: blocks large enough that each program takes a whole
+        # SM, so it starts only as the program before it there ends, and its first block asked of
+        # the L2 before the wait then fills DRAM while the kernel before drains (EARLY_PREFETCH;
+        # H100, 8x32/4x8192x64: contiguous 25.8 -> 24.9 us, paged 26.9 -> 26.3; the same blocks
+        # without the hint 0.4-1.4 us slower than the smaller ones, NOTES.md twelfth round).
+        # Slices keep two blocks at least.
+        block_n = next((n for n in (block_n, 2 * block_n) if _whole_sm(stages, n, block_d, dtype.itemsize, smem_per_sm)
+                        and key_capacity >= 2 * n * num_splits), block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, TABLE_AHEAD=table_ahead,
                 num_warps=warps, num_stages=stages)
 
@@ -551,8 +567,9 @@ DECODE_INTERLEAVED = True
 # Paged 16-bit pools, one wave of programs with programmatic dependent launch: each program visits
 # its slice's pages in pool order, worked out before the wait on the kernel before it
 DECODE_SORT_PAGES = True
-# Paged 16-bit pools, one wave of programs that take a whole SM each: every program asks the L2
-# for its first block before the wait on the kernel before it (else split 0 asks after it)
+# One wave of programs launched early (contiguous caches, 16-bit pools): blocks that make each
+# program take a whole SM, and every program asks the L2 for its first block before the wait on
+# the kernel before it (else split 0 asks after it)
 DECODE_EARLY_PREFETCH = True
 
 
@@ -576,11 +593,10 @@ def _sort_pages(early: bool, has_key_start: bool, diagonal_in_cache: bool, key_c
     return entries if entries <= 256 and (num_pages + 2) * entries < 2**31 else 0
 
 
-def _whole_sm(cfg: dict, element_size: int, device_index: int) -> bool:
+def _whole_sm(num_stages: int, block_n: int, block_d: int, element_size: int, smem_per_sm: int) -> bool:
     """Whether one split program's K/V buffers (``num_stages - 1`` blocks of K and of V in flight)
     take more than half of an SM's shared memory, so no program of the next kernel fits beside it."""
-    buffers = (cfg["num_stages"] - 1) * cfg["BLOCK_N"] * cfg["BLOCK_D"] * element_size * 2
-    return 2 * buffers > _smem_per_sm(device_index)
+    return 2 * (num_stages - 1) * block_n * block_d * element_size * 2 > smem_per_sm
 
 
 @functools.lru_cache(maxsize=None)
@@ -627,8 +643,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
+    pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
+    l2_hints = not interpret and q.device.type == "cuda" and torch.version.hip is None  # PTX prefetches
+    early_hint = DECODE_EARLY_PREFETCH and pdl and l2_hints and key_capacity > 0 and num_pages > 0
+    smem = _smem_per_sm(q.device.index or 0) if early_hint else 0
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
-                  head_dim, q.dtype, paged, sm_count, interpret)
+                  head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
@@ -641,8 +661,6 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
                                   device=q.device)
     dummy = key_end if key_end is not None else q  # never read when its flag is off
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
-    pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
-    l2_hints = not interpret and q.device.type == "cuda" and torch.version.hip is None  # PTX prefetches
     new_k, new_v = (k_new, v_new) if append else (k, v)
     # the split kernel's own new tokens (one split): one key folds in elementwise, several form a
     # tl.dot operand (at least 16 rows)
@@ -650,7 +668,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
     # the kernel before hides behind it (the interpreter runs that work too, to test it)
-    early = paged and cfg["TABLE_AHEAD"] and (interpret or pdl and batch * num_kv_heads * num_splits <= sm_count)
+    one_wave = pdl and batch * num_kv_heads * num_splits <= sm_count
+    early = paged and cfg["TABLE_AHEAD"] and (interpret or one_wave)
+    # programs that take a whole SM start as the ones before them end: each asks the L2 for its
+    # first block before the wait (contiguous caches, and pools read a block ahead)
+    early_prefetch = (early_hint and one_wave and (not paged or cfg["TABLE_AHEAD"])
+                      and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
     sort_pages = _sort_pages(early, key_start is not None, causal and not append, key_capacity, num_splits,
                              cfg["BLOCK_N"], page_size, num_pages)
     visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
@@ -693,8 +716,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         TABLE_GUESS=DECODE_TABLE_GUESS,
         INTERLEAVED=interleaved,
         SORT_PAGES=sort_pages,
-        EARLY_PREFETCH=DECODE_EARLY_PREFETCH and early and l2_hints and _whole_sm(cfg, k.element_size(),
-                                                                                  q.device.index or 0),
+        EARLY_PREFETCH=early_prefetch,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -109,12 +109,14 @@ def test_gpu_kv_cache_real_sizes(case):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("s_q, with_new", [(1, True), (1, False), (4, True), (4, False)])
-def test_gpu_partial_last_block_with_nan_past_the_lengths(head_dim, s_q, with_new):
+@pytest.mark.parametrize("s_max", [4096, 16384])
+def test_gpu_partial_last_block_with_nan_past_the_lengths(head_dim, s_q, with_new, s_max):
     # Bulk copies read a slice's partial last block as the whole block ending at the slice end
     # (from before key 0 when the sequence is shorter than a block): lengths shorter than a block,
     # one off block boundaries, uneven over the splits (14 sequence-heads: several splits on an
-    # H100), NaN in every slot past them; causal multi-token queries see the diagonal
-    b, hq, hkv, s_max, dt = 7, 16, 2, 4096, torch.float16
+    # H100), NaN in every slot past them; causal multi-token queries see the diagonal. At 16384
+    # slots the blocks are the ones that take a whole SM (the first asked of the L2 before the wait)
+    b, hq, hkv, dt = 7, 16, 2, torch.float16
     g = torch.Generator().manual_seed(head_dim * 10 + s_q)
     lens_list = [0, 1, 2, 63, 129, 1153, s_max - s_q] if with_new else [s_q, s_q + 1, 63, 127, 129, 1153, s_max]
     d = head_dim

@@ -238,6 +238,19 @@ def test_decode_tile_choices_from_static_shapes():
     # float32 pools keep synchronous gathers, ~3 programs per SM, two stages
     fp32 = _config(1, 8, 4, 32768, 128, _torch.float32, True, 132, False)
     assert (fp32["TABLE_AHEAD"], fp32["BLOCK_N"], fp32["NUM_SPLITS"], fp32["num_stages"]) == (False, 32, 50, 2)
+    # one wave of programs launched early (programmatic dependent launch, 228 KB of shared memory
+    # per SM): blocks that make each program take a whole SM (it then asks the L2 for its first
+    # block before the wait), where slices keep two of them; more programs than SMs, float32 and
+    # D=256 keep theirs
+    early = (True, 228 * 1024)
+    assert _config(8, 4, 8, 8192, 64, _torch.float16, True, 132, False, *early)["BLOCK_N"] == 256
+    assert _config(16, 8, 1, 2048, 64, _torch.bfloat16, False, 132, False, *early)["BLOCK_N"] == 256
+    assert _config(*args, False, 132, False, *early) == dict(BLOCK_M=16, BLOCK_N=128, BLOCK_D=128, NUM_SPLITS=16,
+                                                              TABLE_AHEAD=False, num_warps=4, num_stages=3)
+    assert _config(32, 8, 4, 4096, 128, _torch.float16, False, 132, False, *early)["BLOCK_N"] == 64
+    assert _config(1, 8, 4, 384, 128, _torch.float16, False, 132, False, *early)["BLOCK_N"] == 64
+    assert _config(4, 1, 8, 4096, 256, _torch.float16, True, 132, False, *early)["BLOCK_N"] == 32
+    assert _config(1, 8, 4, 32768, 128, _torch.float32, True, 132, False, *early) == fp32
     # the interpreter takes the same path choice
     assert _config(2, 2, 1, 64, 16, _torch.float16, True, 1, True)["TABLE_AHEAD"]
     assert not _config(2, 2, 1, 64, 16, _torch.float32, True, 1, True)["TABLE_AHEAD"]
