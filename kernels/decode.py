@@ -175,8 +175,8 @@ def _decode_split_kernel(
         # The order to visit the slice's pages in, worked out while the kernel before this one
         # drains, from the table as it reads now (compared with the table after the wait): pool
         # order, so every program sweeps the pool from low to high addresses at about the same
-        # pace (randomly placed 16-key pages, 8x32/4x8192x64: 27.4 -> 26.9 us on the H100, NOTES.md
-        # eleventh round). The slice is the one a full sequence gives; the table is read past the
+        # pace (randomly placed 16-key pages, 1x32/8x32768x128: 48.8 -> 47.5 us on the H100, NOTES.md
+        # twelfth round). The slice is the one a full sequence gives; the table is read past the
         # L1 (".cg"), where no line read before the wait could linger.
         visit_slots = guess_lo // page_size + tl.arange(0, SORT_PAGES)
         slot_in = (tl.arange(0, SORT_PAGES) < cap_chunk // page_size) & (visit_slots < max_pages_per_seq)
@@ -674,7 +674,10 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # first block before the wait (contiguous caches, and pools read a block ahead)
     early_prefetch = (early_hint and one_wave and (not paged or cfg["TABLE_AHEAD"])
                       and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
-    sort_pages = _sort_pages(early, key_start is not None, causal and not append, key_capacity, num_splits,
+    # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
+    # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
+    sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
+    sort_pages = _sort_pages(sort_early, key_start is not None, causal and not append, key_capacity, num_splits,
                              cfg["BLOCK_N"], page_size, num_pages)
     visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
                    if sort_pages else dummy)
