@@ -19,11 +19,14 @@ at once (nothing it launches reads before waiting for it to end).
 Paged pools gather K/V rows through the block table, which stage 1 reads one key block ahead
 of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
 stages early instead of waiting on the table; the table lines of each program's slice are asked
-of the L2 before the wait on the previous kernel. With one wave of programs, each one works out
-before that wait the order to visit its slice's pages in (ascending pool address, so all programs
-sweep the pool together whatever order the allocator left the pages in) and, after it, reads the
-pages in that order from a scratch row; programs that take a whole SM also ask the L2 for their
-first block before the wait.
+of the L2 before the wait on the previous kernel. With one wave of programs at D=128, each one
+works out before that wait the order to visit its slice's pages in (ascending pool address, so
+all programs sweep the pool together whatever order the allocator left the pages in) and, after
+it, reads the pages in that order from a scratch row.
+
+One wave of programs launched early (contiguous caches and 16-bit pools) gets key blocks large
+enough that each program takes a whole SM; each then starts as the program before it on that SM
+ends, and asks the L2 for its first block before the wait on the previous kernel.
 
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
@@ -564,8 +567,8 @@ DECODE_SHIFT_TAIL = True
 # (paged pools keep slices: interleaved blocks measured slower there, NOTES.md)
 DECODE_INTERLEAVED = True
 
-# Paged 16-bit pools, one wave of programs with programmatic dependent launch: each program visits
-# its slice's pages in pool order, worked out before the wait on the kernel before it
+# Paged 16-bit pools at D=128, one wave of programs with programmatic dependent launch: each
+# program visits its slice's pages in pool order, worked out before the wait on the kernel before it
 DECODE_SORT_PAGES = True
 # One wave of programs launched early (contiguous caches, 16-bit pools): blocks that make each
 # program take a whole SM, and every program asks the L2 for its first block before the wait on
@@ -582,8 +585,9 @@ def _sort_pages(early: bool, has_key_start: bool, diagonal_in_cache: bool, key_c
                 block_n: int, page_size: int, num_pages: int) -> int:
     """Table entries each program sorts to visit its pages in pool order (`_visit_order`), a power
     of two covering the slice a full sequence gives it; 0 for none. None: the flag off; no early
-    start to hide the sort in (``early``: a pool read a block ahead, 16-bit, with one wave of
-    programs launched early, or under the interpreter, which tests the sort); a key start or a causal
+    start to hide the sort in, or a tile where it does not pay (``early``: a pool read a block
+    ahead, 16-bit, at D=128, with one wave of programs launched early, or under the interpreter,
+    which tests the sort); a key start or a causal
     diagonal inside the cache (masks by position on pages other than the last); pages that do not
     tile a key block; more than 256 pages a slice; sort keys past 31 bits."""
     if not (DECODE_SORT_PAGES and early) or has_key_start or diagonal_in_cache or block_n % page_size:
@@ -668,11 +672,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
     # the kernel before hides behind it (the interpreter runs that work too, to test it)
-    one_wave = pdl and batch * num_kv_heads * num_splits <= sm_count
-    early = paged and cfg["TABLE_AHEAD"] and (interpret or one_wave)
+    fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
+    early_wave = pdl and fits_sms  # and launched early
+    early = paged and cfg["TABLE_AHEAD"] and (interpret or early_wave)
     # programs that take a whole SM start as the ones before them end: each asks the L2 for its
     # first block before the wait (contiguous caches, and pools read a block ahead)
-    early_prefetch = (early_hint and one_wave and (not paged or cfg["TABLE_AHEAD"])
+    early_prefetch = (early_hint and early_wave and (not paged or cfg["TABLE_AHEAD"])
                       and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
     # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
     # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
@@ -715,7 +720,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         # one wave of programs (its pipeline fill is not hidden behind other programs); with more,
         # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
         # programs: 179 -> 209 us)
-        SHIFT_TAIL=DECODE_SHIFT_TAIL and batch * num_kv_heads * num_splits <= sm_count,
+        SHIFT_TAIL=DECODE_SHIFT_TAIL and fits_sms,
         TABLE_GUESS=DECODE_TABLE_GUESS,
         INTERLEAVED=interleaved,
         SORT_PAGES=sort_pages,
