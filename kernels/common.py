@@ -178,6 +178,8 @@ def online_softmax_blocks(
     guessed_pages=0,  # BLOCK_N), read before lo was known; the first block takes them when lo == guess_lo
     TABLE_GUESS: tl.constexpr = False,
     stride_blocks=1,  # the loop takes every stride_blocks-th block from lo (decode's interleaved splits)
+    guessed_next=0,  # GUESS_NEXT: the entries of keys [guess_lo + BLOCK_N, guess_lo + 2 * BLOCK_N), read
+    GUESS_NEXT: tl.constexpr = False,  # with guessed_pages; the first iteration takes them (stride_blocks 1)
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -213,8 +215,15 @@ def online_softmax_blocks(
             # stages early without waiting on it; rows of pages outside the pool read page 0
             # (garbage for a corrupt table, never memory outside the pool)
             pages = next_pages
-            next_pages = page_entries(block_table_row_ptr, offs_n + step, offs_n + step < hi, page_size,
-                                      max_pages_per_seq)
+            next_ok = offs_n + step < hi
+            if GUESS_NEXT:
+                # the first block at the guessed start: its successor's entries were read already
+                # (the table read is masked off; the pipeliner keeps it one block ahead)
+                guessed = (start_n == lo) & (lo == guess_lo)
+                next_ok = next_ok & (tl.where(guessed, 0, 1) + tl.zeros_like(offs_n) > 0)
+            next_pages = page_entries(block_table_row_ptr, offs_n + step, next_ok, page_size, max_pages_per_seq)
+            if GUESS_NEXT:
+                next_pages = tl.where(guessed, guessed_next, next_pages)
             k_rows, _ = page_rows(pages, offs_n, stride_k_page, stride_k_seq, page_size, num_pages, WIDE_ROWS)
             v_rows = k_rows
             if not SHARED_ROWS:

@@ -160,6 +160,7 @@ def _decode_split_kernel(
     INTERLEAVED: tl.constexpr,
     SORT_PAGES: tl.constexpr,
     EARLY_PREFETCH: tl.constexpr,
+    GUESS_NEXT: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -227,6 +228,12 @@ def _decode_split_kernel(
     if USE_GUESS:
         guess_pos = guess_lo + tl.arange(0, BLOCK_N)
         guessed_pages = page_entries(bt_row, guess_pos, guess_pos < key_capacity, page_size, max_pages_per_seq)
+    # GUESS_NEXT: the second block's entries too, so its gathers need not wait on a table read
+    # either (pools in table order, 8x32/4x8192x64: 25.7-26.0 -> 25.0 us, NOTES.md thirteenth round)
+    guessed_next = guessed_pages
+    if USE_GUESS and GUESS_NEXT:
+        guessed_next = page_entries(bt_row, guess_pos + BLOCK_N, guess_pos + BLOCK_N < key_capacity, page_size,
+                                    max_pages_per_seq)
     if SORT_PAGES > 0:
         now_entries = tl.load(bt_row + visit_slots, mask=slot_in, other=-1, cache_modifier=".cg")
     if PREFETCH and not EARLY_PREFETCH and split == 0 and not HAS_KEY_START and key_capacity > 0 and num_pages > 0:
@@ -345,7 +352,8 @@ def _decode_split_kernel(
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks)
+                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks, guessed_next,
+                USE_GUESS and GUESS_NEXT)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens and writes them into the cache after its own reads, as the
@@ -558,6 +566,9 @@ DECODE_PDL = True
 # Paged caches: read the block-table entries of each program's first block at the capacity-based
 # guess of its slice start right after the wait, next to the lengths (used when the guess holds)
 DECODE_TABLE_GUESS = True
+# Paged caches, one wave of whole-SM programs not sorting their pages: the second block's entries
+# are read next to the lengths too (the first table read of the loop skipped)
+DECODE_TABLE_GUESS_NEXT = True
 # Paged caches: ask the L2 for each program's block-table lines before waiting on the kernel before
 DECODE_TABLE_PREFETCH = True
 # Bulk copies: a partial last block read as the whole block ending at the slice's end, in the
@@ -684,6 +695,11 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
     sort_pages = _sort_pages(sort_early, key_start is not None, causal and not append, key_capacity, num_splits,
                              cfg["BLOCK_N"], page_size, num_pages)
+    # one wave of whole-SM programs reading the pool in table order: the second block's table
+    # entries read next to the lengths as well (with the pool-order sort they come from the sorted
+    # row; measured level to 0.1 us slower at D=128); the interpreter tests it where it does not sort
+    guess_next = (DECODE_TABLE_GUESS_NEXT and paged and cfg["TABLE_AHEAD"] and not sort_pages
+                  and (interpret or early_prefetch))
     visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
                    if sort_pages else dummy)
     _decode_split_kernel[(num_splits, batch * num_kv_heads)](
@@ -725,6 +741,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         INTERLEAVED=interleaved,
         SORT_PAGES=sort_pages,
         EARLY_PREFETCH=early_prefetch,
+        GUESS_NEXT=guess_next,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

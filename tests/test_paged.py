@@ -192,6 +192,38 @@ def test_paged_decode_visits_whole_pages_in_pool_order(monkeypatch, page_size, s
         assert sorts and sorts[0] > 0, "the paged call did not sort its pages"
 
 
+@pytest.mark.parametrize("page_size", [3, 4, 16, 32])
+@pytest.mark.parametrize("s_q,with_new,lens", [
+    (1, True, [127, 125, 118, 64]),   # full slices (the guess holds) and a short sequence (it does not)
+    (1, False, [128, 126, 119, 60]),
+    (2, True, [126, 121, 117, 33]),
+])
+def test_paged_decode_second_block_entries_read_with_the_lengths(monkeypatch, page_size, s_q, with_new, lens):
+    # 16-bit decode visiting pages in table order: each program reads the table entries of its
+    # slice's first two blocks (as a full sequence places the slice) next to the lengths, and its
+    # cache loop takes them where the slice starts there, instead of reading the table again
+    from flashkv_ops.kernels import decode
+
+    monkeypatch.setattr(decode, "_sort_pages", lambda *args: 0)
+    launches = []
+    real = decode._decode_split_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", Recorder())
+    case = dict(BASE, batch=len(lens), s_q=s_q, lens=lens, page_size=page_size, dtype=torch.float16,
+                with_new=with_new, extra_pages=3, extra_columns=0, garbage="nan", seed=page_size + 5 * s_q)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
+        paged = [kw for kw in launches if kw["PAGED"]]
+        assert paged and all(kw["GUESS_NEXT"] for kw in paged), "the second block's entries were not guessed"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_paged_split_kv_long_sequences(dtype):
     # decode over ~500-1000 tokens in pages of 16: the split-KV path walks many pages. 16-bit
