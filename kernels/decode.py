@@ -566,8 +566,8 @@ DECODE_PDL = True
 # Paged caches: read the block-table entries of each program's first block at the capacity-based
 # guess of its slice start right after the wait, next to the lengths (used when the guess holds)
 DECODE_TABLE_GUESS = True
-# Paged caches, one wave of whole-SM programs not sorting their pages: the second block's entries
-# are read next to the lengths too (the first table read of the loop skipped)
+# Paged caches, one wave of whole-SM split programs not sorting their pages: the second block's
+# entries are read next to the lengths too (the first table read of the loop skipped)
 DECODE_TABLE_GUESS_NEXT = True
 # Paged caches: ask the L2 for each program's block-table lines before waiting on the kernel before
 DECODE_TABLE_PREFETCH = True
@@ -695,10 +695,11 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
     sort_pages = _sort_pages(sort_early, key_start is not None, causal and not append, key_capacity, num_splits,
                              cfg["BLOCK_N"], page_size, num_pages)
-    # one wave of whole-SM programs reading the pool in table order: the second block's table
-    # entries read next to the lengths as well (with the pool-order sort they come from the sorted
-    # row; measured level to 0.1 us slower at D=128); the interpreter tests it where it does not sort
-    guess_next = (DECODE_TABLE_GUESS_NEXT and paged and cfg["TABLE_AHEAD"] and not sort_pages
+    # one wave of whole-SM split programs reading the pool in table order: the second block's table
+    # entries read next to the lengths as well (with the pool-order sort, from the sorted row, it
+    # measured level to 0.1 us slower at D=128; one split per sequence, 16x8/8x2048x64 on random
+    # pages, 0.1-0.45 slower); the interpreter tests it where it does not sort
+    guess_next = (DECODE_TABLE_GUESS_NEXT and paged and cfg["TABLE_AHEAD"] and not sort_pages and not direct
                   and (interpret or early_prefetch))
     visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
                    if sort_pages else dummy)
