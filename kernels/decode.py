@@ -19,10 +19,11 @@ at once (nothing it launches reads before waiting for it to end).
 Paged pools gather K/V rows through the block table, which stage 1 reads one key block ahead
 of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
 stages early instead of waiting on the table; the table lines of each program's slice are asked
-of the L2 before the wait on the previous kernel. With one wave of programs at D=128, each one
-works out before that wait the order to visit its slice's pages in (ascending pool address, so
-all programs sweep the pool together whatever order the allocator left the pages in) and, after
-it, reads the pages in that order from a scratch row.
+of the L2 before the wait on the previous kernel, and the entries of its first block (of its
+first two, for split programs of one wave in table order) are read next to the lengths. With one
+wave of programs at D=128, each one works out before that wait the order to visit its slice's
+pages in (ascending pool address, so all programs sweep the pool together whatever order the
+allocator left the pages in) and, after it, reads the pages in that order from a scratch row.
 
 One wave of programs launched early (contiguous caches and 16-bit pools) gets key blocks large
 enough that each program takes a whole SM; each then starts as the program before it on that SM
