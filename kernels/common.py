@@ -218,7 +218,8 @@ def online_softmax_blocks(
             next_ok = offs_n + step < hi
             if GUESS_NEXT:
                 # the first block at the guessed start: its successor's entries were read already
-                # (the table read is masked off; the pipeliner keeps it one block ahead)
+                # (the table read is masked off, so the pipeliner keeps it one block ahead; the
+                # scalar condition is broadcast as an integer: the interpreter takes no scalar-bool mask)
                 guessed = (start_n == lo) & (lo == guess_lo)
                 next_ok = next_ok & (tl.where(guessed, 0, 1) + tl.zeros_like(offs_n) > 0)
             next_pages = page_entries(block_table_row_ptr, offs_n + step, next_ok, page_size, max_pages_per_seq)

@@ -230,7 +230,8 @@ def _decode_split_kernel(
         guess_pos = guess_lo + tl.arange(0, BLOCK_N)
         guessed_pages = page_entries(bt_row, guess_pos, guess_pos < key_capacity, page_size, max_pages_per_seq)
     # GUESS_NEXT: the second block's entries too, so its gathers need not wait on a table read
-    # either (pools in table order, 8x32/4x8192x64: 25.7-26.0 -> 25.0 us, NOTES.md thirteenth round)
+    # either (pools whose pages ascend through the pool, 8x32/4x8192x64: 25.7-26.0 -> 25.0 us on the
+    # H100, level on random pages, NOTES.md thirteenth round)
     guessed_next = guessed_pages
     if USE_GUESS and GUESS_NEXT:
         guessed_next = page_entries(bt_row, guess_pos + BLOCK_N, guess_pos + BLOCK_N < key_capacity, page_size,
