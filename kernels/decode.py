@@ -600,9 +600,9 @@ def _sort_pages(early: bool, has_key_start: bool, diagonal_in_cache: bool, key_c
     of two covering the slice a full sequence gives it; 0 for none. None: the flag off; no early
     start to hide the sort in, or a tile where it does not pay (``early``: a pool read a block
     ahead, 16-bit, at D=128, with one wave of programs launched early, or under the interpreter,
-    which tests the sort); a key start or a causal
-    diagonal inside the cache (masks by position on pages other than the last); pages that do not
-    tile a key block; more than 256 pages a slice; sort keys past 31 bits."""
+    which tests the sort); a key start or a causal diagonal inside the cache (masks by position on
+    pages other than the last); pages that do not tile a key block; more than 256 pages a slice;
+    sort keys past 31 bits."""
     if not (DECODE_SORT_PAGES and early) or has_key_start or diagonal_in_cache or block_n % page_size:
         return 0
     slice_pages = _capacity_slice_keys(key_capacity, num_splits, block_n) // page_size
