@@ -5,6 +5,8 @@ Shape, dtype and device checks are free and always run. Checks that read tensor 
 torch.compile traces and while a CUDA graph is being captured, so no check syncs the host there.
 """
 
+import operator
+
 import numpy as np
 import torch
 
@@ -16,6 +18,20 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int >= ``minimum``; any integer type passes (numpy's, a 0-d integer
+    tensor), a float or bool raises TypeError and a smaller value ValueError, naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def check_tensor(name: str, t, rank: int = 4) -> None:

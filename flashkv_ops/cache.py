@@ -17,6 +17,8 @@ from torch import nn
 
 import flashkv_ops
 
+from ._validation import FLOAT_DTYPES, check_count, check_tensor
+
 __all__ = ["StaticKVCache"]
 
 
@@ -99,7 +101,9 @@ class StaticKVCache(nn.Module):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if head_dim % 8 or head_dim > 256:
+            raise ValueError(f"head_dim must be a multiple of 8 from 8 to 256, got {head_dim}")
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
 
         self._key_names = tuple(f"key_{i}" for i in range(num_layers))
@@ -246,8 +250,18 @@ class StaticKVCache(nn.Module):
         Parameters
         ----------
         num_tokens : int or torch.Tensor
-            Scalar, or int ``[B]`` for per-sequence counts.
+            An int in ``[0, max_seq_len]``, or an integer tensor, scalar or ``[B]`` for
+            per-sequence counts (its values are not read here; the next eager ``attend`` checks
+            the lengths they give).
         """
+        if isinstance(num_tokens, torch.Tensor):
+            if num_tokens.dtype.is_floating_point or num_tokens.dtype.is_complex or num_tokens.dtype == torch.bool:
+                raise TypeError(f"num_tokens must hold integers, got {num_tokens.dtype}")
+            if num_tokens.shape not in ((), (self.batch_size,)):
+                raise ValueError(f"num_tokens must be a scalar or have shape [{self.batch_size}], "
+                                 f"got {tuple(num_tokens.shape)}")
+        elif check_count("num_tokens", num_tokens, 0) > self.max_seq_len:
+            raise ValueError(f"num_tokens must be at most max_seq_len={self.max_seq_len}, got {num_tokens}")
         self.seqlens.add_(num_tokens)
 
     def attend(
@@ -281,8 +295,9 @@ class StaticKVCache(nn.Module):
         torch.Tensor
             ``[B, H_q, S_q, D]`` in ``query``'s dtype.
         """
-        if not 0 <= layer_idx < len(self._key_names):
+        if check_count("layer_idx", layer_idx, 0) >= len(self._key_names):
             raise ValueError(f"layer_idx must be in [0, {len(self._key_names)}), got {layer_idx}")
+        self._check_step(query, key, value)
         return flashkv_ops.attention_with_kv_cache(
             query,
             self._buffers[self._key_names[layer_idx]],
@@ -295,6 +310,27 @@ class StaticKVCache(nn.Module):
         )
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _check_step(self, query, key, value) -> None:
+        """``attend``'s tensors against the cache, named as ``attend`` names them (shapes, dtypes
+        and devices only: free, so they run in every mode)."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, t)
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the cache is on {self.device}")
+        batch, num_q_heads, seqlen_q, head_dim = query.shape
+        if batch != self.batch_size or head_dim != self.head_dim:
+            raise ValueError(f"query must have shape [{self.batch_size}, H_q, S_q, {self.head_dim}] (the cache's "
+                             f"batch size and head_dim), got {list(query.shape)}")
+        if num_q_heads % self.num_kv_heads:
+            raise ValueError(f"query has {num_q_heads} heads, not a multiple of the cache's {self.num_kv_heads} "
+                             "KV heads")
+        expected = [self.batch_size, self.num_kv_heads, seqlen_q, self.head_dim]
+        for name, t in (("key", key), ("value", value)):
+            if list(t.shape) != expected:
+                raise ValueError(f"{name} must have shape [B, H_kv, S_q, D] = {expected}, got {list(t.shape)}")
 
     def _mark_all_static(self) -> None:
         for tensor in self._buffers.values():

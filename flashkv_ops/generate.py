@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ._validation import check_count
 from .cache import StaticKVCache, config_dims
 
 __all__ = ["generate"]
@@ -158,8 +159,8 @@ def generate(
     embed_weight = model.get_input_embeddings().weight
     device, dtype = embed_weight.device, embed_weight.dtype
 
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a [batch, prompt_len] tensor with prompt_len >= 1, got "
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be a [batch, prompt_len] tensor with batch, prompt_len >= 1, got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
@@ -171,8 +172,7 @@ def generate(
         raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device) != 0
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 1)
     _check_sampling(do_sample, temperature, top_k, top_p)
     dynamic_rope = _runtime_rope_types(model.config)
     if cuda_graph is None:
@@ -272,11 +272,13 @@ def _check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_
 
 def _check_sliding_window(config, needed: int) -> None:
     # Mistral / Phi-3 (and Qwen2 with use_sliding_window) limit attention to a window; the cache
-    # attends to the whole prefix, which equals the windowed model only while everything fits.
+    # attends to the whole prefix, which equals the windowed model only while no query sees more
+    # keys than the window holds. The last token generated is never fed back: the longest row's
+    # last query sees prompt + max_new_tokens - 1 keys.
     window = getattr(config, "sliding_window", None)
-    if window is not None and needed > window:
-        raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's sliding_window={window}; "
-                         f"sliding-window attention is not supported")
+    if window is not None and needed - 1 > window:
+        raise ValueError(f"prompt + max_new_tokens - 1 = {needed - 1} keys exceed the model's "
+                         f"sliding_window={window}; sliding-window attention is not supported")
 
 
 def _runtime_rope_types(config) -> list[str]:

@@ -3,7 +3,8 @@
 Pages are handed to a sequence as it grows (``reserve``) and returned when it ends (``free``).
 The allocator is all host bookkeeping; the device sees only ``block_table`` and ``seqlens``,
 which are updated in place (same storage), so a captured CUDA graph keeps reading the current
-values.
+values. Slots that hold no pages are idle: the batch keeps its shape, and their rows point at a
+null page past the allocator's pages, which absorbs their writes.
 """
 
 from typing import List, Optional
@@ -11,6 +12,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from ._validation import check_count
 from .attention import attention_with_kv_cache
 
 
@@ -19,12 +21,12 @@ class PoolExhaustedError(RuntimeError):
 
 
 class PagedKVCache:
-    """Page pools ``[num_pages, num_kv_heads, page_size, head_dim]`` per layer, plus an allocator.
+    """Page pools ``[num_pages + 1, num_kv_heads, page_size, head_dim]`` per layer, plus an allocator.
 
     Parameters
     ----------
     num_pages : int
-        Pages in each layer's pool.
+        Pages the allocator hands out from each layer's pool (which holds one more: ``null_page``).
     page_size : int
         Tokens per page (any value >= 1).
     num_kv_heads, head_dim : int
@@ -41,36 +43,48 @@ class PagedKVCache:
     Attributes
     ----------
     k_pages, v_pages : list of Tensor
-        Per layer ``[num_pages, num_kv_heads, page_size, head_dim]``.
+        Per layer ``[num_pages + 1, num_kv_heads, page_size, head_dim]``: pages ``0 .. num_pages - 1``
+        are handed out; the last one, ``null_page``, never is.
     block_table : Tensor
-        int32 ``[max_batch_size, max_pages_per_seq]``; ``-1`` marks a slot with no page.
+        int32 ``[max_batch_size, max_pages_per_seq]``. A slot's row holds its pages, then ``-1``;
+        the row of an idle slot (no pages: never reserved, or freed) is all ``null_page``.
     seqlens : Tensor
         int32 ``[max_batch_size]`` tokens held per sequence slot.
+    null_page : int
+        ``num_pages``: the page idle slots point at. ``attention`` runs over every slot (the batch
+        keeps its shape for captured graphs); an idle slot's new tokens land in this page, which no
+        sequence reads, and its output rows carry no meaning.
 
     Examples
     --------
     >>> cache = PagedKVCache(num_pages=64, page_size=16, num_kv_heads=8, head_dim=128,
     ...                      max_batch_size=2, max_pages_per_seq=32, dtype=torch.float16, device="cuda")
     >>> cache.reserve(0, 20)                          # pages for 20 tokens of sequence 0
-    >>> out = cache.attention(0, q, k_new, v_new)     # q/k_new/v_new: [2, H, 20, D]... per slot batch
+    >>> out = cache.attention(0, q, k_new, v_new)     # q [2, H_q, 20, 128], k_new/v_new [2, 8, 20, 128]
+    >>> cache.advance(0, 20)                          # slot 1 never reserved: idle, its rows ignored
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, num_layers: int = 1,
                  max_batch_size: int = 1, max_pages_per_seq: Optional[int] = None,
                  dtype: torch.dtype = torch.float16, device="cuda"):
-        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("num_layers", num_layers), ("max_batch_size", max_batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
-        if max_pages_per_seq < 1:
-            raise ValueError(f"max_pages_per_seq must be >= 1, got {max_pages_per_seq}")
+        num_pages, page_size, num_kv_heads, head_dim, num_layers, max_batch_size = (
+            check_count(name, value, 1) for name, value in (
+                ("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                ("head_dim", head_dim), ("num_layers", num_layers), ("max_batch_size", max_batch_size)))
+        max_pages_per_seq = num_pages if max_pages_per_seq is None else check_count("max_pages_per_seq",
+                                                                               max_pages_per_seq, 1)
+        if head_dim % 8 or head_dim > 256:
+            raise ValueError(f"head_dim must be a multiple of 8 from 8 to 256, got {head_dim}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         self.num_pages, self.page_size = num_pages, page_size
         self.max_pages_per_seq = max_pages_per_seq
-        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        self.null_page = num_pages
+        shape = (num_pages + 1, num_kv_heads, page_size, head_dim)
         self.k_pages: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_pages: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.block_table = torch.full((max_batch_size, max_pages_per_seq), -1, dtype=torch.int32, device=device)
+        self.block_table = torch.full((max_batch_size, max_pages_per_seq), self.null_page, dtype=torch.int32,
+                                      device=device)
         self.seqlens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         # host mirrors: the allocator never reads device memory
         self._free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
@@ -87,9 +101,11 @@ class PagedKVCache:
         """Most tokens one sequence can hold."""
         return self.max_pages_per_seq * self.page_size
 
-    def _check_seq(self, seq: int) -> None:
-        if not 0 <= seq < len(self._pages):
+    def _check_seq(self, seq: int) -> int:
+        seq = check_count("seq", seq, 0)
+        if seq >= len(self._pages):
             raise ValueError(f"seq must be in [0, {len(self._pages)}), got {seq}")
+        return seq
 
     def reserve(self, seq: int, num_tokens: int) -> None:
         """Make room for ``num_tokens`` more tokens of sequence slot ``seq`` (all or nothing).
@@ -97,9 +113,8 @@ class PagedKVCache:
         Raises ``PoolExhaustedError`` when the pool has too few free pages and ``ValueError`` when
         the sequence would exceed ``max_pages_per_seq * page_size``; in both cases nothing changes.
         """
-        self._check_seq(seq)
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        seq = self._check_seq(seq)
+        num_tokens = check_count("num_tokens", num_tokens, 0)
         wanted = self._lengths[seq] + num_tokens
         if wanted > self.capacity:
             raise ValueError(f"sequence {seq} would hold {wanted} tokens, more than max_pages_per_seq * page_size"
@@ -112,6 +127,8 @@ class PagedKVCache:
         new_pages = [self._free.pop() for _ in range(max(needed, 0))]
         if new_pages:
             first = len(pages)
+            if not first:  # an idle slot's row pointed at the null page
+                self.block_table[seq].fill_(-1)
             pages.extend(new_pages)
             self.block_table[seq, first:first + len(new_pages)] = torch.tensor(new_pages, dtype=torch.int32)
         self._reserved[seq] = max(self._reserved[seq], wanted)
@@ -119,8 +136,9 @@ class PagedKVCache:
     allocate = reserve
 
     def advance(self, seq: int, num_tokens: int) -> None:
-        """Record that ``num_tokens`` reserved tokens of ``seq`` were written (updates ``seqlens``)."""
-        self._check_seq(seq)
+        """Record that ``num_tokens`` (>= 0) reserved tokens of ``seq`` were written (updates ``seqlens``)."""
+        seq = self._check_seq(seq)
+        num_tokens = check_count("num_tokens", num_tokens, 0)
         if self._lengths[seq] + num_tokens > self._reserved[seq]:
             raise ValueError(f"sequence {seq}: advancing by {num_tokens} passes the {self._reserved[seq]} "
                              "reserved tokens; call reserve() first")
@@ -128,17 +146,18 @@ class PagedKVCache:
         self.seqlens[seq] = self._lengths[seq]
 
     def free(self, seq: int) -> None:
-        """Return every page of sequence slot ``seq`` to the pool and reset its length to 0."""
-        self._check_seq(seq)
+        """Return every page of sequence slot ``seq`` to the pool and reset its length to 0 (the slot
+        turns idle: its row points at ``null_page``)."""
+        seq = self._check_seq(seq)
         self._free.extend(reversed(self._pages[seq]))
         self._pages[seq] = []
         self._lengths[seq] = self._reserved[seq] = 0
-        self.block_table[seq].fill_(-1)
+        self.block_table[seq].fill_(self.null_page)
         self.seqlens[seq] = 0
 
     def pages_of(self, seq: int) -> List[int]:
         """The pages sequence slot ``seq`` holds, in logical order."""
-        self._check_seq(seq)
+        seq = self._check_seq(seq)
         return list(self._pages[seq])
 
     def attention(self, layer: int, q: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None, *,
@@ -148,6 +167,11 @@ class PagedKVCache:
         q: ``[max_batch_size, num_q_heads, seqlen_q, head_dim]``; k, v (optional): new tokens
         ``[max_batch_size, num_kv_heads, seqlen_q, head_dim]``, which must have been reserved.
         Returns ``[max_batch_size, num_q_heads, seqlen_q, head_dim]``; call ``advance`` afterwards.
+        Idle slots (no pages) take part with their writes sent to ``null_page``; their output rows
+        carry no meaning.
         """
+        layer = check_count("layer", layer, 0)
+        if layer >= len(self.k_pages):
+            raise ValueError(f"layer must be in [0, {len(self.k_pages)}), got {layer}")
         return attention_with_kv_cache(q, self.k_pages[layer], self.v_pages[layer], self.seqlens, k, v,
                                        causal=causal, scale=scale, block_table=self.block_table)

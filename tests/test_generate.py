@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -325,10 +326,13 @@ def test_request_longer_than_cache_is_refused(llama, fallback_ops):
 
 
 def test_sliding_window_limit_is_refused(fallback_ops):
+    # The last token generated is never fed back: with a 4-token prompt and 9 new tokens the last
+    # query sees 12 keys, all inside a window of 12, so the tokens are transformers' own.
     model = tiny_model("mistral", sliding_window=12)
-    assert generate(model, prompts(1, 4), max_new_tokens=8).shape == (1, 12)
+    ids = prompts(1, 4)
+    assert_same_tokens(generate(model, ids, max_new_tokens=9), transformers_greedy(model, ids, max_new_tokens=9))
     with pytest.raises(ValueError, match="sliding_window=12"):
-        generate(model, prompts(1, 4), max_new_tokens=9)
+        generate(model, ids, max_new_tokens=10)
 
 
 def test_bad_arguments_are_refused(llama):
@@ -341,10 +345,49 @@ def test_bad_arguments_are_refused(llama):
         generate(llama, ids, torch.ones(2, 3), max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids"):
         generate(llama, ids[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(llama, ids[:0], max_new_tokens=2)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        generate(llama, ids, max_new_tokens=2.5)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        generate(llama, ids, max_new_tokens=True)
     with pytest.raises(ValueError, match="temperature"):
         generate(llama, ids, max_new_tokens=2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="cuda_graph"):
         generate(llama, ids, max_new_tokens=2, cuda_graph=True)
+
+
+@pytest.mark.parametrize("count", [np.int64(2), torch.tensor(2)])
+def test_max_new_tokens_takes_any_integer_type(llama, fallback_ops, count):
+    ids = prompts(2, 4)
+    assert torch.equal(generate(llama, ids, max_new_tokens=count), generate(llama, ids, max_new_tokens=2))
+
+
+def test_cache_attend_and_advance_name_their_arguments():
+    cache = StaticKVCache(2, 2, 1, 8, 8, dtype=torch.float32)
+    q, k, v = torch.randn(2, 2, 2, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    bad_calls = [
+        (lambda: cache.attend(0, q[:1], k, v), ValueError, "query"),
+        (lambda: cache.attend(0, q[..., :4], k, v), ValueError, "query"),
+        (lambda: cache.attend(0, q.double(), k, v), TypeError, "query"),
+        (lambda: cache.attend(0, q, k[:, :, :1], v), ValueError, "key"),
+        (lambda: cache.attend(0, q, k, v.double()), TypeError, "value"),
+        (lambda: cache.attend(0, q, k, "v"), TypeError, "value"),
+        (lambda: cache.attend(1.5, q, k, v), TypeError, "layer_idx"),
+        (lambda: cache.advance(-1), ValueError, "num_tokens"),
+        (lambda: cache.advance(9), ValueError, "max_seq_len"),
+        (lambda: cache.advance(1.5), TypeError, "num_tokens"),
+        (lambda: cache.advance(torch.tensor([1.0, 2.0])), TypeError, "num_tokens"),
+        (lambda: cache.advance(torch.tensor([1, 2, 3])), ValueError, "num_tokens"),
+        (lambda: StaticKVCache(1, 1, 1, 4, 12), ValueError, "head_dim"),
+    ]
+    for call, error, name in bad_calls:
+        with pytest.raises(error, match=name):
+            call()
+    assert cache.seqlens.tolist() == [0, 0] and bool((cache.key_cache[0] == 0).all())
+    cache.advance(torch.tensor([1, 2], dtype=torch.int32))
+    cache.advance(np.int64(1))
+    assert cache.seqlens.tolist() == [2, 3]
 
 
 def test_runtime_rope_types_are_detected():

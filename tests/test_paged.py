@@ -2,8 +2,9 @@
 and the float64 reference, bad block tables, and the ``PagedKVCache`` page allocator.
 
 Logical position ``p`` of sequence ``b`` lives in page ``block_table[b, p // page_size]``, slot
-``p % page_size`` (DESIGN.md). Unused table entries are ``-1`` (the allocator's convention) or
-arbitrary valid pages: neither may be read or written.
+``p % page_size`` (DESIGN.md). Unused table entries are ``-1`` (the allocator's convention past a
+sequence's pages), or arbitrary valid pages (the allocator's null page for idle slots): neither may
+be read or written.
 """
 
 import os
@@ -357,7 +358,9 @@ def make_pool(num_pages=8, page_size=4, max_batch_size=3, max_pages_per_seq=4, n
 def test_pool_layout():
     c = make_pool()
     assert len(c.k_pages) == 2 and len(c.v_pages) == 2
-    assert c.k_pages[0].shape == (8, 2, 4, 16) and c.k_pages[1].dtype == torch.float32
+    # the 8 pages handed out, then the null page idle slots point at
+    assert c.k_pages[0].shape == (9, 2, 4, 16) and c.k_pages[1].dtype == torch.float32
+    assert c.null_page == 8 and (c.block_table == c.null_page).all()
     assert c.block_table.shape == (3, 4) and c.block_table.dtype == torch.int32
     assert c.seqlens.shape == (3,) and c.seqlens.dtype == torch.int32
     assert c.num_free_pages == 8
@@ -464,7 +467,7 @@ def test_free_returns_pages_for_reuse_and_live_pages_survive():
     freed = c.pages_of(0)
     c.free(0)
     assert c.num_free_pages == 3
-    assert int(c.seqlens[0]) == 0 and (c.block_table[0] == -1).all()
+    assert int(c.seqlens[0]) == 0 and (c.block_table[0] == c.null_page).all()
     # sequence 0 restarts; its page comes from the freed ones or the one never handed out
     step(3)       # seq 0: 3 tokens (1 page), seq 1: 9 tokens (3 pages)
     assert c.num_free_pages == 1
@@ -482,3 +485,59 @@ def test_free_returns_pages_for_reuse_and_live_pages_survive():
     assert c.num_free_pages == 5
     c.reserve(0, 20)
     assert sorted(c.pages_of(0)) == list(range(5))
+
+
+def test_idle_and_freed_slots_take_part_without_touching_live_pages():
+    # A served batch keeps its shape while slots empty: slot 1 is freed mid-stream and slot 2 is
+    # never reserved, yet every step runs over all three slots, in eager mode with its checks.
+    g = torch.Generator().manual_seed(37)
+    c = make_pool(num_pages=6, page_size=4, max_batch_size=3, max_pages_per_seq=4, num_layers=1)
+    hq, d = 4, 16
+    for step, s_q in enumerate((3, 1, 1, 2)):
+        if step == 2:
+            c.free(1)
+        c.reserve(0, s_q)
+        if step < 2:
+            c.reserve(1, s_q)
+        q = randn((3, hq, s_q, d), torch.float32, generator=g)
+        k = randn((3, 2, s_q, d), torch.float32, generator=g)
+        v = randn((3, 2, s_q, d), torch.float32, generator=g)
+        active = [0, 1] if step < 2 else [0]
+        rows = torch.tensor(active)
+        want, want_k, want_v = kv_cache_ref(q[rows], c.k_pages[0], c.v_pages[0], c.seqlens[rows], k[rows], v[rows],
+                                            block_table=c.block_table[rows])
+        out = c.attention(0, q, k, v)
+        assert_close_to_ref(out[rows], want, what=f"step {step}")
+        # every page the allocator owns holds exactly what the live sequences wrote
+        owned = slice(0, c.num_pages)
+        assert bit_equal(c.k_pages[0][owned], want_k[owned]) and bit_equal(c.v_pages[0][owned], want_v[owned])
+        for b in active:
+            c.advance(b, s_q)
+    assert c.pages_of(1) == [] and c.num_free_pages == 6 - len(c.pages_of(0))
+    assert (c.block_table[1:] == c.null_page).all()
+    # a freed slot starts again from fresh pages, its row no longer pointing at the null page
+    c.reserve(1, 5)
+    assert c.block_table[1].tolist()[:2] == c.pages_of(1) and c.block_table[1].tolist()[2:] == [-1, -1]
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda c: c.advance(0, -3), ValueError, "num_tokens"),
+    (lambda c: c.advance(0, 2.5), TypeError, "num_tokens"),
+    (lambda c: c.reserve(0, -1), ValueError, "num_tokens"),
+    (lambda c: c.reserve(1.5, 1), TypeError, "seq"),
+    (lambda c: c.free(-1), ValueError, "seq"),
+    (lambda c: c.attention(-1, None), ValueError, "layer"),
+    (lambda c: c.attention(2, None), ValueError, "layer"),
+    (lambda c: fkv.PagedKVCache(8, 4, 2, 12, device="cpu"), ValueError, "head_dim"),
+    (lambda c: fkv.PagedKVCache(8, 4, 2, 16, dtype=torch.int32, device="cpu"), TypeError, "dtype"),
+    (lambda c: fkv.PagedKVCache(8.0, 4, 2, 16, device="cpu"), TypeError, "num_pages"),
+    (lambda c: fkv.PagedKVCache(8, 0, 2, 16, device="cpu"), ValueError, "page_size"),
+])
+def test_allocator_arguments_are_checked(call, error, name):
+    c = make_pool()
+    c.reserve(0, 2)
+    c.advance(0, 2)
+    table, lens = c.block_table.clone(), c.seqlens.clone()
+    with pytest.raises(error, match=name):
+        call(c)
+    assert torch.equal(c.block_table, table) and torch.equal(c.seqlens, lens)
