@@ -32,6 +32,10 @@ def _attend(q, k, v, out, key_start, key_end, key_end_offset, block_table, causa
     """Dispatch to a kernel (or the CPU fallback). k_new/v_new: this step's tokens, appended to the
     cache k/v at key_end[b] first (key_end is then cache_seqlens and key_end_offset their count)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale < 0 and uses_triton(q):
+        # the kernels take each block's running max as max(q.k) * scale, which needs scale >= 0:
+        # softmax(scale * q.k) is softmax(-scale * (-q).k)
+        q, scale = -q, -scale
     if not uses_triton(q):
         if k_new is not None:
             _fallback.append_kv(k_new, v_new, k, v, key_end, block_table)

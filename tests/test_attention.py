@@ -198,6 +198,32 @@ def test_huge_scores_stay_finite(dtype):
     assert max_err(out, ref) < (1e-3 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_negative_scale_matches_reference(dtype):
+    # A block's running max is taken before scaling: a negative scale must not turn it into the
+    # minimum (float16 overflowed to inf / inf = NaN), in the prefill kernel, the decode kernels
+    # and the new tokens the decode merge scores.
+    g = torch.Generator().manual_seed(6)
+    k = randn((1, 1, 100, 64), dtype, generator=g)
+    v = randn((1, 1, 100, 64), dtype, generator=g)
+    for seqlen_q in (40, 1):
+        q = randn((1, 1, seqlen_q, 64), dtype, generator=g)
+        out = fkv.attention(q, k, v, scale=-1.0)
+        lowp = None if dtype == torch.float32 else lowp_attention_torch(q, k, v, scale=-1.0)
+        assert_close_to_ref(out, attention_ref(q, k, v, scale=-1.0), lowp, what=f"S_q={seqlen_q}")
+    q = randn((2, 4, 1, 64), dtype, generator=g)
+    k_cache = randn((2, 2, 100, 64), dtype, generator=g)
+    v_cache = randn((2, 2, 100, 64), dtype, generator=g)
+    k_new = randn((2, 2, 1, 64), dtype, generator=g)
+    v_new = randn((2, 2, 1, 64), dtype, generator=g)
+    lens = torch.tensor([99, 57], dtype=torch.int32)
+    want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k_new, v_new, scale=-0.5)
+    lowp = None if dtype == torch.float32 else lowp_attention_torch(q, want_k, want_v, key_end=lens + 1, scale=-0.5)
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k_new, v_new, scale=-0.5)
+    assert_close_to_ref(out, want, lowp, what="decode with append")
+    assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     g = torch.Generator().manual_seed(5)
     q = randn((1, 2, 4, 32), torch.float32, generator=g)
