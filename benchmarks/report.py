@@ -36,9 +36,10 @@ SECTIONS: dict[str, tuple[str, str, Callable[[Sequence[dict[str, Any]]], str]]] 
     ),
     "prefill": (
         "Prefill attention",
-        "CUDA-graph replay timing (GPU time, no host launch path; these rows were taken with a "
-        "synchronisation after every replay, which counts the host's graph-launch gap, 0.3–0.8 µs "
-        "a call where measured on decode shapes; `--timing do_bench` for eager "
+        "CUDA-graph replay timing (GPU time, no host launch path; rows measured on flashkv commits "
+        "before 94e1d4b synchronised after every replay, which counts the host's graph-launch gap, "
+        "0.3–0.8 µs a call where measured on decode shapes; later ones queue the replays back to back; "
+        "`--timing do_bench` for eager "
         "calls); TFLOP/s = 4·B·H_q·S_q·S_k·D / t with causal work "
         "counted as half. \"first call\" is the first call's wall time (Triton compilation and "
         "autotuning for flashkv, plan building for cuDNN). The table holds the issue's target "

@@ -5,6 +5,8 @@ Shape, dtype and device checks are free and always run. Checks that read tensor 
 torch.compile traces and while a CUDA graph is being captured, so no check syncs the host there.
 """
 
+import math
+import numbers
 import operator
 
 import numpy as np
@@ -32,6 +34,23 @@ def check_count(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_causal_scale(causal, scale) -> tuple:
+    """``(causal, scale)`` as the op schema takes them (a Python bool; None or a Python float), after
+    checking that ``causal`` is a bool and ``scale`` None or a finite real number. Symbolic values
+    pass unchanged: torch.compile may trace either as one."""
+    if isinstance(causal, np.bool_):
+        causal = bool(causal)
+    if not isinstance(causal, (bool, torch.SymBool)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if scale is None or isinstance(scale, (torch.SymFloat, torch.SymInt)):
+        return causal, scale
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return causal, float(scale)
 
 
 def check_tensor(name: str, t, rank: int = 4) -> None:

@@ -54,6 +54,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     >>> out = flashkv_ops.attention(q, k, v, causal=True)  # [1, 32, 128, 128]
     """
     check.check_query_kv(q, k, v)
+    causal, scale = check.check_causal_scale(causal, scale)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
     q, k, v = (_contiguous_last_dim(t) for t in (q, k, v))
@@ -85,6 +86,7 @@ def attention_with_key_ranges(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor
         ``[batch_size, num_q_heads, seqlen_q, head_dim]``; rows that see no key are zero.
     """
     check.check_query_kv(q, k, v)
+    causal, scale = check.check_causal_scale(causal, scale)
     batch = q.shape[0]
     if k.shape[0] != batch:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {batch}")
@@ -149,6 +151,7 @@ def attention_with_kv_cache(
         also negative lengths, cache overflow and block-table entries outside the pool.
     """
     check.check_query_kv(q, k_cache, v_cache, "k_cache", "v_cache")
+    causal, scale = check.check_causal_scale(causal, scale)
     check.check_last_dim_contiguous("k_cache", k_cache)
     check.check_last_dim_contiguous("v_cache", v_cache)
     batch, _, seqlen_q, _ = q.shape

@@ -92,15 +92,14 @@ class StaticKVCache(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_layers", num_layers),
-            ("batch_size", batch_size),
-            ("num_kv_heads", num_kv_heads),
-            ("max_seq_len", max_seq_len),
-            ("head_dim", head_dim),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        num_layers, batch_size, num_kv_heads, max_seq_len, head_dim = (
+            check_count(name, value, 1) for name, value in (
+                ("num_layers", num_layers),
+                ("batch_size", batch_size),
+                ("num_kv_heads", num_kv_heads),
+                ("max_seq_len", max_seq_len),
+                ("head_dim", head_dim),
+            ))
         if head_dim % 8 or head_dim > 256:
             raise ValueError(f"head_dim must be a multiple of 8 from 8 to 256, got {head_dim}")
         if dtype not in FLOAT_DTYPES:
@@ -188,39 +187,48 @@ class StaticKVCache(nn.Module):
 
     @property
     def key_cache(self) -> tuple[torch.Tensor, ...]:
+        """Per layer ``[batch_size, num_kv_heads, max_seq_len, head_dim]`` key buffers."""
         # Looked up through _buffers on every access: Module.to()/cuda() replace the tensors.
         return tuple(self._buffers[name] for name in self._key_names)
 
     @property
     def value_cache(self) -> tuple[torch.Tensor, ...]:
+        """Per layer ``[batch_size, num_kv_heads, max_seq_len, head_dim]`` value buffers."""
         return tuple(self._buffers[name] for name in self._value_names)
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers (one key and one value buffer each)."""
         return len(self._key_names)
 
     @property
     def batch_size(self) -> int:
+        """Sequences ``B`` (rows of ``seqlens``)."""
         return self.seqlens.shape[0]
 
     @property
     def num_kv_heads(self) -> int:
+        """KV heads ``H_kv`` per layer (never repeated for GQA)."""
         return self._buffers[self._key_names[0]].shape[1]
 
     @property
     def max_seq_len(self) -> int:
+        """Capacity ``S_max`` per sequence, in tokens."""
         return self._buffers[self._key_names[0]].shape[2]
 
     @property
     def head_dim(self) -> int:
+        """Head dimension ``D``."""
         return self._buffers[self._key_names[0]].shape[3]
 
     @property
     def dtype(self) -> torch.dtype:
+        """Element type of the key and value buffers."""
         return self._buffers[self._key_names[0]].dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of every buffer."""
         return self.seqlens.device
 
     @property

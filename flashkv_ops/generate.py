@@ -19,6 +19,7 @@ at slots >= len_b is never read (attention covers [0, seqlens[b]]) and is overwr
 from __future__ import annotations
 
 import contextlib
+import numbers
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -168,6 +169,8 @@ def generate(
     batch_size, prompt_len = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
     elif attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
@@ -262,10 +265,13 @@ def _check_model(model: nn.Module) -> None:
 def _check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not do_sample:
         return
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a float, got {value!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_k is not None:
+        check_count("top_k", top_k, 1)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
@@ -302,9 +308,9 @@ def _eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> list
         return []
     if isinstance(eos_token_id, torch.Tensor):
         eos_token_id = eos_token_id.tolist()
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(t) for t in eos_token_id]
+    if not isinstance(eos_token_id, (list, tuple)):
+        eos_token_id = [eos_token_id]
+    return [check_count("eos_token_id", t, 0) for t in eos_token_id]
 
 
 # -- cache -------------------------------------------------------------------------------------
@@ -346,6 +352,7 @@ def _resolve_cache(
         return cache
 
     if max_cache_len is not None:
+        max_cache_len = check_count("max_cache_len", max_cache_len, 1)
         if needed > max_cache_len:
             raise ValueError(f"prompt length + max_new_tokens = {needed} exceeds max_cache_len={max_cache_len}")
         capacity = max_cache_len

@@ -94,6 +94,7 @@ class PagedKVCache:
 
     @property
     def num_free_pages(self) -> int:
+        """Pages the allocator can still hand out (``null_page`` not counted)."""
         return len(self._free)
 
     @property

@@ -54,7 +54,9 @@ def triton_kv_attention(
     **kwargs
         ``flashkv_cache``: an object with ``attend(layer_idx, query, key, value, scaling) ->
         [B, H_q, S_q, D]`` that owns the KV cache (then ``attention_mask`` is ignored).
-        ``sliding_window`` is honoured when no mask was built. Others are ignored.
+        ``sliding_window``: with no mask built, a window shorter than the ``S_k`` keys raises
+        ``ValueError`` (it cannot be honoured there; masks built by transformers carry the window,
+        which falls back to SDPA where it cuts keys). Others are ignored.
 
     Returns
     -------

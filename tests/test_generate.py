@@ -351,6 +351,18 @@ def test_bad_arguments_are_refused(llama):
         generate(llama, ids, max_new_tokens=2.5)
     with pytest.raises(TypeError, match="max_new_tokens"):
         generate(llama, ids, max_new_tokens=True)
+    with pytest.raises(TypeError, match="attention_mask"):
+        generate(llama, ids, [[1] * 4] * 2, max_new_tokens=2)
+    with pytest.raises(TypeError, match="max_cache_len"):
+        generate(llama, ids, max_new_tokens=2, max_cache_len=100.0)
+    with pytest.raises(TypeError, match="eos_token_id"):
+        generate(llama, ids, max_new_tokens=2, eos_token_id="a")
+    with pytest.raises(TypeError, match="top_p"):
+        generate(llama, ids, max_new_tokens=2, do_sample=True, top_p="0.5")
+    with pytest.raises(TypeError, match="temperature"):
+        generate(llama, ids, max_new_tokens=2, do_sample=True, temperature="hot")
+    with pytest.raises(TypeError, match="top_k"):
+        generate(llama, ids, max_new_tokens=2, do_sample=True, top_k=2.5)
     with pytest.raises(ValueError, match="temperature"):
         generate(llama, ids, max_new_tokens=2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="cuda_graph"):

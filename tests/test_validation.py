@@ -89,6 +89,12 @@ CACHE_CASES = {
     "batch_mismatch": (_set("q", lambda a: torch.randn(B + 1, HQ, S_Q, D)), ValueError,
                        ["q", "k_cache", "cache_seqlens", "batch"]),
     "k_without_v": (_set("v", None), ValueError, ["k", "v"]),
+    # flags
+    "causal_none": (_set("kwargs", {"causal": None}), TypeError, ["causal"]),
+    "causal_string": (_set("kwargs", {"causal": "yes"}), TypeError, ["causal"]),
+    "scale_string": (_set("kwargs", {"scale": "0.25"}), TypeError, ["scale"]),
+    "scale_nan": (_set("kwargs", {"scale": float("nan")}), ValueError, ["scale"]),
+    "scale_bool": (_set("kwargs", {"scale": True}), TypeError, ["scale"]),
     "v_without_k": (_set("k", None), ValueError, ["k", "v"]),
     "new_tokens_len_differs_from_s_q": (
         lambda a: a.update(k=torch.randn(B, HKV, S_Q + 1, D), v=torch.randn(B, HKV, S_Q + 1, D)),
@@ -262,3 +268,14 @@ def test_key_ranges_rejects(case):
     with pytest.raises(exc_type) as info:
         fkv.attention_with_key_ranges(a["q"], a["k"], a["v"], a["key_start"], a["key_end"])
     assert names_argument(str(info.value), names), str(info.value)
+
+
+def test_numpy_flags_are_taken_as_python_ones():
+    import numpy as np
+    a = valid_cache_inputs()
+    want = fkv.attention(a["q"], a["k_cache"], a["v_cache"], causal=True, scale=0.25)
+    got = fkv.attention(a["q"], a["k_cache"], a["v_cache"], causal=np.True_, scale=np.float32(0.25))
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="causal"):
+        fkv.attention_with_key_ranges(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"] * 0,
+                                      a["cache_seqlens"], causal=None)
