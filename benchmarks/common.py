@@ -52,7 +52,10 @@ def _package_version(name: str) -> str | None:
 
 def _git_commit() -> str | None:
     """Short hash of HEAD, with "+dirty" when tracked files differ from it (the measured code is
-    then not that commit); None without a repository."""
+    then not that commit); None without a repository. ``FLASHKV_COMMIT`` in the environment takes
+    precedence: for a copy of a clean tree whose git metadata is not the copied commit."""
+    if os.environ.get("FLASHKV_COMMIT"):
+        return os.environ["FLASHKV_COMMIT"]
     # The GPU machine gets a copy of the working tree that may lack .git: then there is no commit.
     here = Path(__file__).resolve().parent
 
