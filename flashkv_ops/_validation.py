@@ -46,11 +46,27 @@ def check_causal_scale(causal, scale) -> tuple:
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if scale is None or isinstance(scale, (torch.SymFloat, torch.SymInt)):
         return causal, scale
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    scale = check_real("scale", scale, "a float or None")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    return causal, float(scale)
+    return causal, scale
+
+
+def check_real(name: str, value, expected: str = "a float") -> float:
+    """``value`` as a Python float; any real number passes (numpy's too), a bool or anything else
+    raises TypeError naming ``name`` and what it ``expected``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def check_storage(head_dim, dtype) -> None:
+    """A cache's ``head_dim`` (an int, see `check_count`) and element ``dtype``, as its
+    constructor's arguments."""
+    if not _head_dim_supported(head_dim):
+        raise ValueError(f"head_dim must be a multiple of 8 from 8 to {MAX_HEAD_DIM}, got {head_dim}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
 
 
 def check_tensor(name: str, t, rank: int = 4) -> None:
@@ -72,8 +88,12 @@ def check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but q is on {device}; all tensors must share a device")
 
 
+def _head_dim_supported(head_dim: int) -> bool:
+    return head_dim % 8 == 0 and 8 <= head_dim <= MAX_HEAD_DIM
+
+
 def check_head_dim(name: str, head_dim: int) -> None:
-    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
+    if not _head_dim_supported(head_dim):
         raise ValueError(f"{name} has head_dim {head_dim}; supported: multiples of 8 from 8 to {MAX_HEAD_DIM}")
 
 

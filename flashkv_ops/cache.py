@@ -17,7 +17,7 @@ from torch import nn
 
 import flashkv_ops
 
-from ._validation import FLOAT_DTYPES, check_count, check_tensor
+from ._validation import check_count, check_storage, check_tensor
 
 __all__ = ["StaticKVCache"]
 
@@ -100,10 +100,7 @@ class StaticKVCache(nn.Module):
                 ("max_seq_len", max_seq_len),
                 ("head_dim", head_dim),
             ))
-        if head_dim % 8 or head_dim > 256:
-            raise ValueError(f"head_dim must be a multiple of 8 from 8 to 256, got {head_dim}")
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        check_storage(head_dim, dtype)
 
         self._key_names = tuple(f"key_{i}" for i in range(num_layers))
         self._value_names = tuple(f"value_{i}" for i in range(num_layers))

@@ -19,14 +19,13 @@ at slots >= len_b is never read (attention covers [0, seqlens[b]]) and is overwr
 from __future__ import annotations
 
 import contextlib
-import numbers
 import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ._validation import check_count
+from ._validation import check_count, check_real
 from .cache import StaticKVCache, config_dims
 
 __all__ = ["generate"]
@@ -265,9 +264,9 @@ def _check_model(model: nn.Module) -> None:
 def _check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not do_sample:
         return
-    for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{name} must be a float, got {value!r}")
+    temperature = check_real("temperature", temperature)
+    if top_p is not None:
+        top_p = check_real("top_p", top_p, "a float or None")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
     if top_k is not None:

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._validation import check_count
+from ._validation import check_count, check_storage
 from .attention import attention_with_kv_cache
 
 
@@ -73,10 +73,7 @@ class PagedKVCache:
                 ("head_dim", head_dim), ("num_layers", num_layers), ("max_batch_size", max_batch_size)))
         max_pages_per_seq = num_pages if max_pages_per_seq is None else check_count("max_pages_per_seq",
                                                                                max_pages_per_seq, 1)
-        if head_dim % 8 or head_dim > 256:
-            raise ValueError(f"head_dim must be a multiple of 8 from 8 to 256, got {head_dim}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        check_storage(head_dim, dtype)
         self.num_pages, self.page_size = num_pages, page_size
         self.max_pages_per_seq = max_pages_per_seq
         self.null_page = num_pages
