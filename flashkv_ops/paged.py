@@ -1,12 +1,16 @@
 """A paged KV cache: one pool of fixed-size pages per layer and a host-side page allocator.
 
-Pages are handed to a sequence as it grows (``reserve``) and returned when it ends (``free``).
+Pages are handed to a sequence as it grows (``reserve``) and returned when it ends (``free``),
+lowest-numbered free page first: each sequence's pages then mostly ascend through the pool and
+the live pages stay packed at its low end, which decode reads faster than pages scattered by
+a last-in first-out free list (H100, ``benchmarks/NOTES.md``).
 The allocator is all host bookkeeping; the device sees only ``block_table`` and ``seqlens``,
 which are updated in place (same storage), so a captured CUDA graph keeps reading the current
 values. Slots that hold no pages are idle: the batch keeps its shape, and their rows point at a
 null page past the allocator's pages, which absorbs their writes.
 """
 
+import heapq
 from typing import List, Optional
 
 import torch
@@ -84,7 +88,7 @@ class PagedKVCache:
                                       device=device)
         self.seqlens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         # host mirrors: the allocator never reads device memory
-        self._free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
+        self._free: List[int] = list(range(num_pages))  # a min-heap: the lowest free page goes out first
         self._pages: List[List[int]] = [[] for _ in range(max_batch_size)]
         self._lengths: List[int] = [0] * max_batch_size
         self._reserved: List[int] = [0] * max_batch_size
@@ -122,7 +126,7 @@ class PagedKVCache:
         if needed > len(self._free):
             raise PoolExhaustedError(f"page pool exhausted: sequence {seq} needs {needed} more pages of "
                                      f"{self.page_size} tokens, {len(self._free)} of {self.num_pages} are free")
-        new_pages = [self._free.pop() for _ in range(max(needed, 0))]
+        new_pages = [heapq.heappop(self._free) for _ in range(max(needed, 0))]
         if new_pages:
             first = len(pages)
             if not first:  # an idle slot's row pointed at the null page
@@ -147,7 +151,8 @@ class PagedKVCache:
         """Return every page of sequence slot ``seq`` to the pool and reset its length to 0 (the slot
         turns idle: its row points at ``null_page``)."""
         seq = self._check_seq(seq)
-        self._free.extend(reversed(self._pages[seq]))
+        for page in self._pages[seq]:
+            heapq.heappush(self._free, page)
         self._pages[seq] = []
         self._lengths[seq] = self._reserved[seq] = 0
         self.block_table[seq].fill_(self.null_page)

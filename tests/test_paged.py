@@ -386,6 +386,26 @@ def test_reserve_grows_by_pages():
     assert len(set(c.pages_of(0))) == 3
 
 
+def test_allocator_hands_out_lowest_free_pages_first():
+    # each sequence's pages ascend and live pages stay packed at the pool's low end, whatever
+    # order sequences end in (decode reads such pools faster than scattered ones)
+    c = make_pool(num_pages=8, max_pages_per_seq=5)
+    c.reserve(0, 12)                       # 3 pages
+    c.reserve(1, 8)                        # 2 pages
+    c.reserve(2, 4)                        # 1 page
+    assert (c.pages_of(0), c.pages_of(1), c.pages_of(2)) == ([0, 1, 2], [3, 4], [5])
+    c.free(0)                              # pages 0-2 free again, next to 6 and 7
+    c.reserve(1, 16)                       # sequence 1 grows into the lowest freed pages
+    assert c.pages_of(1) == [3, 4, 0, 1]
+    c.reserve(0, 12)
+    assert c.pages_of(0) == [2, 6, 7] and c.num_free_pages == 0
+    c.free(2)
+    c.free(1)
+    c.reserve(2, 12)
+    assert c.pages_of(2) == [0, 1, 3]
+    assert c.block_table[2, :3].tolist() == [0, 1, 3]
+
+
 def test_block_table_and_seqlens_updated_in_place():
     # A captured CUDA graph holds these tensors' storage: the allocator must update in place.
     c = make_pool()
