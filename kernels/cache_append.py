@@ -33,36 +33,29 @@ def load_new_tokens(KNew, VNew, CacheSeqlens, b, kv_h, rows, seqlen_new, key_cap
 
 
 @triton.jit
-def store_new_rows(
-    k_new,  # [BLOCK, BLOCK_D] rows to write (`load_new_tokens`)
-    v_new,
-    KCacheBase,  # from kv_head_base
-    VCacheBase,
-    stride_kc_page,
-    stride_kc_seq,
-    stride_vc_page,
-    stride_vc_seq,
-    block_table_row_ptr,
-    page_size,
-    num_pages,
-    max_pages_per_seq,
-    positions,  # [BLOCK] their cache positions
-    want,  # [BLOCK] which of them to write (the caller masks the capacity: `load_new_tokens`)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGED: tl.constexpr,
-):
-    """Store new K/V rows into the cache; paged slots whose page lies outside the pool are skipped.
+def new_row_offsets(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq, stride_vc_page,
+                    stride_vc_seq, page_size, num_pages, max_pages_per_seq, PAGED: tl.constexpr):
+    """Where `store_new_rows` writes the new rows at ``positions`` ([BLOCK]; ``want`` which of them):
+    (k_rows, k_ok, v_rows, v_ok), 64-bit element offsets from the cache bases (`kv_head_base`) and
+    whether each row is written (paged: its page lies inside the pool). Paged caches read the
+    block table here, so kernels that store at their end take these early, and the store waits
+    on no table read."""
+    return kv_rows(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq, stride_vc_page,
+                   stride_vc_seq, page_size, num_pages, max_pages_per_seq, PAGED, False, True)
+
+
+@triton.jit
+def store_new_rows(k_new, v_new, KCacheBase, VCacheBase, k_rows, k_ok, v_rows, v_ok,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store new K/V rows ([BLOCK, BLOCK_D], `load_new_tokens`) at the offsets `new_row_offsets`
+    gave; rows it marked not ok (past the capacity, unwanted, pages outside the pool) are skipped.
 
     Shared by the append kernel and the decode kernels' fused append.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kc_rows, k_ok, vc_rows, v_ok = kv_rows(block_table_row_ptr, positions, want, stride_kc_page, stride_kc_seq,
-                                           stride_vc_page, stride_vc_seq, page_size, num_pages, max_pages_per_seq,
-                                           PAGED, False, True)
-    tl.store(KCacheBase + kc_rows[:, None] + offs_d[None, :], k_new, mask=k_ok[:, None] & d_ok[None, :])
-    tl.store(VCacheBase + vc_rows[:, None] + offs_d[None, :], v_new, mask=v_ok[:, None] & d_ok[None, :])
+    tl.store(KCacheBase + k_rows[:, None] + offs_d[None, :], k_new, mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(VCacheBase + v_rows[:, None] + offs_d[None, :], v_new, mask=v_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -102,12 +95,12 @@ def _append_kv_kernel(
         KNew, VNew, CacheSeqlens, b, kv_h, offs_s, seqlen_new, key_capacity,
         stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM, BLOCK_D)
     bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+    k_rows, k_ok, v_rows, v_ok = new_row_offsets(bt_row, positions, want, stride_kc_b, stride_kc_s, stride_vc_b,
+                                                 stride_vc_s, page_size, num_pages, max_pages_per_seq, PAGED)
     store_new_rows(k_new, v_new,
                    kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED),
                    kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED),
-                   stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s,
-                   bt_row, page_size, num_pages, max_pages_per_seq,
-                   positions, want, HEAD_DIM, BLOCK_D, PAGED)
+                   k_rows, k_ok, v_rows, v_ok, HEAD_DIM, BLOCK_D)
 
 
 def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):

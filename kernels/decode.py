@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import LOG2_E
-from .cache_append import load_new_tokens, store_new_rows
+from .cache_append import load_new_tokens, new_row_offsets, store_new_rows
 from .common import (
     device_capability,
     dot_precision,
@@ -268,6 +268,10 @@ def _decode_split_kernel(
         pos_t, stored, k_new, v_new = load_new_tokens(
             KNew, VNew, KeyEnd, b, kv_h, rows_t, seqlen_new, key_capacity,
             stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM, BLOCK_D)
+        # and where they go (paged: a table read), so the store at the end waits on no load
+        new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
+            bt_row, pos_t, stored, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
+            max_pages_per_seq, PAGED)
 
     # -- this program's slice of [key_start, key_end), in whole blocks
     span = tl.maximum(key_end - key_start, 0)
@@ -369,8 +373,7 @@ def _decode_split_kernel(
                 visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
                                                 DOT_PRECISION)
-        store_new_rows(k_new, v_new, k_base, v_base, stride_k_b, stride_k_s, stride_v_b, stride_v_s, bt_row,
-                       page_size, num_pages, max_pages_per_seq, pos_t, stored, HEAD_DIM, BLOCK_D, PAGED)
+        store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM, BLOCK_D)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
@@ -445,6 +448,14 @@ def _decode_merge_kernel(
             KNew, VNew, CacheSeqlens, b, kv_h, rows_t, seqlen_new, key_capacity,
             stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM,
             BLOCK_D)  # k_new, v_new: [BLOCK_T, BLOCK_D]
+        # one program per (sequence, KV head), the one with h % group_size == 0 and i == 0,
+        # writes the new tokens (an integer test: other programs' rows all fail it); where they
+        # go is read now too (paged: the block table, also written before the split kernel)
+        writer = rows_t + (h % group_size + i) * BLOCK_T < BLOCK_T
+        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
+        new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
+            bt_row, pos_t, stored & writer, stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s, page_size,
+            num_pages, max_pages_per_seq, PAGED)
     if PDL:
         # the next kernel may launch at once: it waits for this one to end before it reads
         # anything (0.0-0.1 us on 8x32/4x8192x64, NOTES.md)
@@ -471,15 +482,10 @@ def _decode_merge_kernel(
         scale_new = tl.math.exp2(m_new - m_shift)  # 0 when no new token is visible
         numerator += scale_new * tl.sum(p_new[:, None] * tl.where(visible[:, None], v_new.to(tl.float32), 0.0), 0)
         total += scale_new * tl.sum(p_new, 0)
-        # one program per (sequence, KV head), the one with h % group_size == 0 and i == 0,
-        # writes the new tokens (an integer test: other programs' rows all fail it)
-        writer = rows_t + (h % group_size + i) * BLOCK_T < BLOCK_T
-        bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
         store_new_rows(k_new, v_new,
                        kv_head_base(KCache, b, kv_h, stride_kc_b, stride_kc_h, PAGED),
                        kv_head_base(VCache, b, kv_h, stride_vc_b, stride_vc_h, PAGED),
-                       stride_kc_b, stride_kc_s, stride_vc_b, stride_vc_s, bt_row, page_size, num_pages,
-                       max_pages_per_seq, pos_t, stored & writer, HEAD_DIM, BLOCK_D, PAGED)
+                       new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM, BLOCK_D)
     out = numerator / tl.where(total > 0.0, total, 1.0)
     o_ptrs = Out + b.to(tl.int64) * stride_o_b + h * stride_o_h + i * stride_o_s + offs_d
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
