@@ -36,6 +36,15 @@ def check_count(name: str, value, minimum: int) -> int:
     return value
 
 
+def check_index(name: str, value, size: int) -> int:
+    """``value`` as a Python int in ``[0, size)`` (`check_count` with minimum 0, then the bound),
+    naming ``name``."""
+    value = check_count(name, value, 0)
+    if value >= size:
+        raise ValueError(f"{name} must be in [0, {size}), got {value}")
+    return value
+
+
 def check_causal_scale(causal, scale) -> tuple:
     """``(causal, scale)`` as the op schema takes them (a Python bool; None or a Python float), after
     checking that ``causal`` is a bool and ``scale`` None or a finite real number. Symbolic values

@@ -17,7 +17,7 @@ from torch import nn
 
 import flashkv_ops
 
-from ._validation import check_count, check_storage, check_tensor
+from ._validation import check_count, check_index, check_storage, check_tensor
 
 __all__ = ["StaticKVCache"]
 
@@ -300,8 +300,7 @@ class StaticKVCache(nn.Module):
         torch.Tensor
             ``[B, H_q, S_q, D]`` in ``query``'s dtype.
         """
-        if check_count("layer_idx", layer_idx, 0) >= len(self._key_names):
-            raise ValueError(f"layer_idx must be in [0, {len(self._key_names)}), got {layer_idx}")
+        layer_idx = check_index("layer_idx", layer_idx, len(self._key_names))
         self._check_step(query, key, value)
         return flashkv_ops.attention_with_kv_cache(
             query,

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._validation import check_count, check_storage
+from ._validation import check_count, check_index, check_storage
 from .attention import attention_with_kv_cache
 
 
@@ -104,10 +104,7 @@ class PagedKVCache:
         return self.max_pages_per_seq * self.page_size
 
     def _check_seq(self, seq: int) -> int:
-        seq = check_count("seq", seq, 0)
-        if seq >= len(self._pages):
-            raise ValueError(f"seq must be in [0, {len(self._pages)}), got {seq}")
-        return seq
+        return check_index("seq", seq, len(self._pages))
 
     def reserve(self, seq: int, num_tokens: int) -> None:
         """Make room for ``num_tokens`` more tokens of sequence slot ``seq`` (all or nothing).
@@ -173,8 +170,6 @@ class PagedKVCache:
         Idle slots (no pages) take part with their writes sent to ``null_page``; their output rows
         carry no meaning.
         """
-        layer = check_count("layer", layer, 0)
-        if layer >= len(self.k_pages):
-            raise ValueError(f"layer must be in [0, {len(self.k_pages)}), got {layer}")
+        layer = check_index("layer", layer, len(self.k_pages))
         return attention_with_kv_cache(q, self.k_pages[layer], self.v_pages[layer], self.seqlens, k, v,
                                        causal=causal, scale=scale, block_table=self.block_table)
