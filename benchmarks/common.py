@@ -594,11 +594,10 @@ def env_summary(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
     parts = []
-    for field, label in (("gpu", "gpu"), ("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
-                         ("cuda", "cuda"), ("flashkv_commit", "flashkv commit")):
+    for field in ("gpu", "torch", "triton", "transformers", "cuda", "flashkv_commit"):
         values = sorted({str(row.get(field)) for row in rows if row.get(field) is not None})
         if values:
-            parts.append(f"{label} {', '.join(values)}")
+            parts.append(f"{field.replace('_', ' ')} {', '.join(values)}")
     dates = sorted(str(row.get("timestamp", ""))[:10] for row in rows if row.get("timestamp"))
     if dates:
         parts.append(f"measured {dates[0]}" + (f"..{dates[-1]}" if dates[-1] != dates[0] else ""))
