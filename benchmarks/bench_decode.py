@@ -9,6 +9,9 @@ Providers (all timed in one run, by CUDA-graph replay):
 - ``flashkv``: ``flashkv_ops.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens)``.
 - ``flashkv+append``: the same call also writing this step's k/v into the cache in place
   (``cache_seqlens = length - 1``, so the same keys are attended): the cost of the append.
+- ``flashkv+read_order`` (paged only): ``flashkv`` with the table ``flashkv_ops.paged_read_order``
+  returns (each sequence's pages in pool order), worked out once outside the timed calls as a
+  decode loop does once per step for all layers; the row's ``order_us`` is that call's own time.
 - ``sdpa_cudnn`` / ``sdpa_flash``: ``F.scaled_dot_product_attention`` restricted to one backend;
   GQA through ``enable_gqa=True`` when the backend takes it, else K/V repeated once outside the
   timed region (the row's ``gqa`` field says which). They have no per-sequence lengths: in the
@@ -57,8 +60,11 @@ FIXED_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
 VARLEN_CONFIG = (32, 32, 8, 4096, 128)
 PAGE_SIZE = 16
 
-PROVIDERS = ("flashkv", "flashkv+append", "sdpa_cudnn", "sdpa_flash", "hf_static_mask")
-PAGED_PROVIDERS = ("flashkv", "flashkv+append")
+PROVIDERS = ("flashkv", "flashkv+append", "flashkv+read_order", "sdpa_cudnn", "sdpa_flash",
+             "hf_static_mask")
+PAGED_PROVIDERS = ("flashkv", "flashkv+append", "flashkv+read_order")
+# Paged-only providers and the provider whose contiguous row they are compared with.
+PAGED_ONLY = {"flashkv+read_order": "flashkv"}
 KEY_FIELDS = (
     "batch", "num_q_heads", "num_kv_heads", "max_seqlen", "head_dim", "dtype", "layout",
     "page_size", "provider",
@@ -283,7 +289,8 @@ def decode_table(rows: Sequence[dict[str, Any]]) -> str:
             if cudnn_us and row.get("us"):
                 speedup = cudnn_us / row["us"]
             if row["layout"] == "paged":
-                contiguous_us = time_of(_peer_key(row, "contiguous"), row["provider"])
+                contiguous_us = time_of(_peer_key(row, "contiguous"),
+                                        PAGED_ONLY.get(row["provider"], row["provider"]))
                 if contiguous_us and row.get("us"):
                     notes.append(f"{contiguous_us / row['us']:.2f}× its contiguous speed")
             if row.get("gqa") and row["gqa"] not in ("none", "enable_gqa"):
@@ -420,7 +427,8 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
                                          for _ in range(args.cache_copies - 1)]
         flashkv_stores = [(k_copy, v_copy, {}) for k_copy, v_copy in copies]
 
-    providers = [p for p in args.providers if case.layout != "paged" or p in PAGED_PROVIDERS]
+    providers = [p for p in args.providers
+                 if (p in PAGED_PROVIDERS if case.layout == "paged" else p not in PAGED_ONLY)]
     for provider in providers:
         def body(provider=provider) -> dict[str, Any]:
             if provider == "flashkv":
@@ -439,6 +447,21 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
                     for k_store, v_store, paged_kwargs in flashkv_stores]),
                     decode_bytes(total_tokens, B, Hq, Hkv, D, elem_bytes, append=True))
                 figures["note"] = "writes this step's k/v in place"
+                return figures
+            if provider == "flashkv+read_order":
+                import flashkv_ops
+
+                page_size = case.page_size
+                figures = timed(common.rotating([
+                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store, lengths,
+                                      block_table=flashkv_ops.paged_read_order(paged_kwargs["block_table"],
+                                                                               lengths, page_size))
+                    for k_store, v_store, paged_kwargs in flashkv_stores]), held_bytes)
+                figures["order_us"], _ = common.time_us(
+                    functools.partial(flashkv_ops.paged_read_order, flashkv_stores[0][2]["block_table"],
+                                      lengths, page_size), method=args.timing, **graph_kwargs)
+                figures["note"] = (f"table from paged_read_order ({figures['order_us']:.1f} µs, "
+                                   "once per step)")
                 return figures
             if provider in ("sdpa_cudnn", "sdpa_flash"):
                 backend = common.sdpa_backends()[provider]

@@ -1,7 +1,7 @@
 """flashkv: Triton attention kernels for LLM inference as torch.library ops.
 
 Public API: ``attention``, ``attention_with_kv_cache``, ``attention_with_key_ranges``,
-``PagedKVCache``, ``StaticKVCache`` and ``generate``. Importing the package registers
+``PagedKVCache``, ``paged_read_order``, ``StaticKVCache`` and ``generate``. Importing the package registers
 ``torch.ops.flashkv.*`` and, when transformers is installed, the ``"triton_kv"`` attention
 implementation.
 """
@@ -9,7 +9,7 @@ implementation.
 from .attention import attention, attention_with_key_ranges, attention_with_kv_cache
 from .cache import StaticKVCache
 from .generate import generate
-from .paged import PagedKVCache, PoolExhaustedError
+from .paged import PagedKVCache, PoolExhaustedError, paged_read_order
 
 try:
     from .model_patches import register_triton_kv
@@ -24,6 +24,7 @@ __all__ = [
     "attention_with_key_ranges",
     "PagedKVCache",
     "PoolExhaustedError",
+    "paged_read_order",
     "StaticKVCache",
     "generate",
 ]

@@ -79,3 +79,12 @@ def append_kv(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
     b, t, pos, page = b[inside], t[inside], pos[inside], page[inside]
     k_cache[page, :, pos % page_size] = k_new[b, :, t]
     v_cache[page, :, pos % page_size] = v_new[b, :, t]
+
+
+def paged_read_order(block_table, cache_seqlens, page_size):
+    """``block_table`` with each row's first ``cache_seqlens[b] // page_size`` entries sorted."""
+    columns = torch.arange(block_table.shape[1], device=block_table.device)
+    full = columns < (cache_seqlens.long() // page_size)[:, None]  # a prefix of each row
+    entries = block_table.long()
+    ordered = torch.sort(torch.where(full, entries, torch.iinfo(torch.int64).max), dim=1).values
+    return torch.where(full, ordered, entries).to(torch.int32)

@@ -94,15 +94,26 @@ def test_opcheck_attention_with_key_ranges(device):
                           {"causal": True, "scale": None})
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_paged_read_order(device):
+    table = torch.tensor([[4, 1, 3, -1], [0, 5, 2, 6]], dtype=torch.int32)
+    lens = torch.tensor([9, 16], dtype=torch.int32)
+    table, lens = _to(device, table, lens)
+    torch.library.opcheck(torch.ops.flashkv.paged_read_order.default, (table, lens, 4))
+
+
 def _everything(q, k_cache, v_cache, cache_seqlens, k, v, q2, k2, v2, key_start, key_end,
                 k_pages, v_pages, block_table):
-    # prefill-style attention, a cache step, a key-range call and a paged step in one graph
+    # prefill-style attention, a cache step, a key-range call, a paged step and a paged read
+    # through the read-order table in one graph
     a = fkv.attention(q2, k2, v2, causal=True)
     b = fkv.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k, v)
     c = fkv.attention_with_key_ranges(q2, k2, v2, key_start, key_end, causal=True)
     d = fkv.attention_with_kv_cache(q, k_pages, v_pages, cache_seqlens, k, v,
                                     block_table=block_table)
-    return a * 2, b + 1, c, d
+    ordered = fkv.paged_read_order(block_table, cache_seqlens, k_pages.shape[2])
+    e = fkv.attention_with_kv_cache(q, k_pages, v_pages, cache_seqlens, causal=False, block_table=ordered)
+    return a * 2, b + 1, c, d, e, ordered
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,7 +128,7 @@ def test_compile_fullgraph_matches_eager_and_mutates_cache(device):
     ke = torch.tensor([6, 4], dtype=torch.int32)
     k_pages = randn((8, 2, 4, 16), torch.float32, generator=g)
     v_pages = randn((8, 2, 4, 16), torch.float32, generator=g)
-    table = torch.tensor([[7, 2, -1, -1], [0, 3, 5, 1]], dtype=torch.int32)
+    table = torch.tensor([[7, 2, -1, -1], [3, 0, 5, 1]], dtype=torch.int32)
     args = _to(device, a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["k"], a["v"],
                q2, k2, v2, ks, ke, k_pages, v_pages, table)
     a = dict(zip(["q", "k_cache", "v_cache", "cache_seqlens", "k", "v"], args[:6]))

@@ -377,6 +377,72 @@ def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
     assert int(cache.seqlens.min()) > 4000 and checked >= 10
 
 
+@pytest.mark.parametrize("max_pages", [1, 7, 512, 4608, 8192, 8193, 20000])
+def test_gpu_paged_read_order_matches_the_torch_path(max_pages):
+    # one program per row up to MAX_SORTED_PAGES entries, torch.sort past it
+    from flashkv_ops import _fallback
+
+    g = torch.Generator().manual_seed(max_pages)
+    table = torch.randperm(3 * max_pages + 9, generator=g)[:3 * max_pages].view(3, max_pages).to(torch.int32)
+    lens = torch.tensor([0, 5 * max_pages // 2, 4 * max_pages + 3], dtype=torch.int32)
+    got = fkv.paged_read_order(table.to(DEVICE), lens.to(DEVICE), 4)
+    assert torch.equal(got.cpu(), _fallback.paged_read_order(table, lens, 4))
+
+
+@pytest.mark.parametrize("page_size, head_dim", [(16, 64), (16, 128), (1, 64)])
+def test_cuda_graph_paged_read_order_on_random_pages(page_size, head_dim):
+    # A random table (every sequence's pages scattered over the pool); each replay works out the
+    # read order on the device and attends through it while the lengths grow past 4000: every
+    # replay matches the reference over the logical table, the same slots written. page_size 1
+    # gives rows of 4608 pages.
+    dtype = torch.float16
+    max_pages = -(-S_MAX // page_size)
+    g = torch.Generator().manual_seed(11 + page_size)
+    num_pages = B * max_pages + 5
+    table = torch.randperm(num_pages, generator=g)[:B * max_pages].view(B, max_pages).to(torch.int32).to(DEVICE)
+    k_pages = randn((num_pages, HKV, page_size, head_dim), dtype, DEVICE, generator=g)
+    v_pages = randn((num_pages, HKV, page_size, head_dim), dtype, DEVICE, generator=g)
+    lens = torch.tensor(START_LENS, dtype=torch.int32, device=DEVICE)
+    q_in = randn((B, HQ, 1, head_dim), dtype, DEVICE, generator=g)
+    k_in = randn((B, HKV, 1, head_dim), dtype, DEVICE, generator=g)
+    v_in = randn((B, HKV, 1, head_dim), dtype, DEVICE, generator=g)
+
+    def step():
+        ordered = fkv.paged_read_order(table, lens, page_size)
+        return fkv.attention_with_kv_cache(q_in, k_pages, v_pages, lens, k_in, v_in, block_table=ordered), ordered
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, ordered = step()
+
+    checked = sorted_rows = 0
+    for i, inc in enumerate(length_schedule(START_LENS, 4000, g)):
+        q_in.copy_(randn((B, HQ, 1, head_dim), dtype, DEVICE, generator=g))
+        k_in.copy_(randn((B, HKV, 1, head_dim), dtype, DEVICE, generator=g))
+        v_in.copy_(randn((B, HKV, 1, head_dim), dtype, DEVICE, generator=g))
+        check = i < 3 or i % 7 == 0 or int(lens.min()) > 3900
+        if check:
+            snap = (k_pages.clone(), v_pages.clone(), lens.clone())
+        graph.replay()
+        if check:
+            torch.cuda.synchronize()
+            check_step(out, q_in, snap[0], snap[1], snap[2], k_in, v_in, k_pages, v_pages, block_table=table,
+                       what=f"read-order replay {i}")
+            for row, n, got in zip(table.tolist(), snap[2].tolist(), ordered.tolist()):
+                full = n // page_size
+                assert got == sorted(row[:full]) + row[full:], f"replay {i}: read order"
+                sorted_rows += got != row
+            checked += 1
+        lens += torch.tensor(inc, dtype=torch.int32, device=DEVICE)
+    assert int(lens.min()) > 4000 and checked >= 10 and sorted_rows > 0
+
+
 @triton.jit
 def _rewrite_table_late(Table, NewTable, n, delay_ns, BLOCK: tl.constexpr):
     """Let the next kernel launch at once, wait ``delay_ns``, then copy NewTable over Table: a

@@ -347,6 +347,87 @@ def test_table_too_short_for_length_is_overflow():
     assert bit_equal(a["k_pages"], kp)
 
 
+# -- paged_read_order ---------------------------------------------------------------------------
+
+def read_order_ref(table, lens, page_size):
+    """Each row's first ``lens[b] // page_size`` entries sorted ascending, the rest as they were."""
+    rows = []
+    for row, n in zip(table.tolist(), lens.tolist()):
+        full = min(n // page_size, len(row))
+        rows.append(sorted(row[:full]) + row[full:])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 8, 16])
+@pytest.mark.parametrize("max_pages", [1, 5, 33])
+def test_paged_read_order_sorts_whole_pages_only(page_size, max_pages):
+    # lengths inside the first page, on a page boundary (that page is then full), one short of the
+    # table's end and past it; unused entries -1; a strided view of a wider table
+    from flashkv_ops import _fallback
+
+    g = torch.Generator().manual_seed(page_size * 100 + max_pages)
+    wide = torch.randperm(8 * max_pages + 8, generator=g)[:8 * max_pages].to(torch.int32).view(4, 2 * max_pages)
+    table = wide[:, ::2]
+    table[1, max_pages // 2:] = -1
+    lens = torch.tensor([0, page_size * (max_pages // 2), page_size * max_pages - 1, page_size * max_pages + 5],
+                        dtype=torch.int32)
+    lens[0] = page_size - 1 if page_size > 1 else 0
+    want = read_order_ref(table, lens, page_size)
+    table0 = table.clone()
+    got = fkv.paged_read_order(table, lens, page_size)
+    assert got.dtype == torch.int32 and got.shape == table.shape and got.is_contiguous()
+    assert torch.equal(got, want)
+    assert torch.equal(_fallback.paged_read_order(table, lens, page_size), want)
+    assert torch.equal(table, table0), "block_table modified"
+
+
+@PROPERTY
+@given(case=paged_cases())
+def test_paged_read_order_gives_the_same_attention_and_slots(case):
+    # wherever every query sees every key below cache_seqlens, the read-order table gives the
+    # logical table's result and writes the same slots
+    if case["causal"] and not case["with_new"] and case["s_q"] > 1:
+        case = dict(case, causal=False)
+    g = torch.Generator().manual_seed(case["seed"])
+    b, hkv, d, s_q, dtype = case["batch"], case["num_kv_heads"], case["head_dim"], case["s_q"], case["dtype"]
+    lens_list = case["lens"]
+    s_max = max(lens_list) + s_q + 2
+    k_cache = randn((b, hkv, s_max, d), dtype, generator=g)
+    v_cache = randn((b, hkv, s_max, d), dtype, generator=g)
+    k_pages, v_pages, table = build_paged(k_cache, v_cache, lens_list, s_q, case["page_size"], g,
+                                          extra_pages=case["extra_pages"], extra_columns=case["extra_columns"],
+                                          unused=case["unused"], with_new=case["with_new"])
+    q = randn((b, hkv * case["ratio"], s_q, d), dtype, generator=g)
+    k = v = None
+    if case["with_new"]:
+        k = randn((b, hkv, s_q, d), dtype, generator=g)
+        v = randn((b, hkv, s_q, d), dtype, generator=g)
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    ordered = fkv.paged_read_order(table, lens, case["page_size"])
+    assert torch.equal(ordered, read_order_ref(table, lens, case["page_size"]))
+    pools = [(k_pages.clone(), v_pages.clone()) for _ in range(2)]
+    outs = [fkv.attention_with_kv_cache(q, kp, vp, lens, k, v, causal=case["causal"], block_table=t)
+            for (kp, vp), t in zip(pools, (table, ordered))]
+    assert bit_equal(pools[0][0], pools[1][0]) and bit_equal(pools[0][1], pools[1][1]), str(case)
+    same = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 2e-2)
+    assert max_err(outs[0], outs[1]) <= same, str(case)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda t, n: fkv.paged_read_order(t, n, 0), ValueError, "page_size"),
+    (lambda t, n: fkv.paged_read_order(t, n, 2.0), TypeError, "page_size"),
+    (lambda t, n: fkv.paged_read_order(t.long(), n, 4), TypeError, "block_table"),
+    (lambda t, n: fkv.paged_read_order(t[0], n, 4), ValueError, "block_table"),
+    (lambda t, n: fkv.paged_read_order(t.tolist(), n, 4), TypeError, "block_table"),
+    (lambda t, n: fkv.paged_read_order(t, n[:1], 4), ValueError, "cache_seqlens"),
+    (lambda t, n: fkv.paged_read_order(t, n.long(), 4), TypeError, "cache_seqlens"),
+])
+def test_paged_read_order_arguments_are_checked(call, error, name):
+    table = torch.tensor([[3, 1, 2], [0, 4, 5]], dtype=torch.int32)
+    with pytest.raises(error, match=name):
+        call(table, torch.tensor([8, 9], dtype=torch.int32))
+
+
 # -- PagedKVCache allocator --------------------------------------------------------------------
 
 def make_pool(num_pages=8, page_size=4, max_batch_size=3, max_pages_per_seq=4, num_layers=2):
@@ -409,12 +490,66 @@ def test_allocator_hands_out_lowest_free_pages_first():
 def test_block_table_and_seqlens_updated_in_place():
     # A captured CUDA graph holds these tensors' storage: the allocator must update in place.
     c = make_pool()
-    table_ptr, lens_ptr = c.block_table.data_ptr(), c.seqlens.data_ptr()
+    ptrs = [t.data_ptr() for t in (c.block_table, c.read_table, c.seqlens)]
     c.reserve(1, 9)
     c.advance(1, 9)
     c.free(1)
     c.reserve(2, 3)
-    assert c.block_table.data_ptr() == table_ptr and c.seqlens.data_ptr() == lens_ptr
+    assert [t.data_ptr() for t in (c.block_table, c.read_table, c.seqlens)] == ptrs
+
+
+def test_read_table_keeps_full_pages_in_pool_order():
+    # pages handed out out of order (sequence 1 grows into pages freed by sequence 0): read_table
+    # sorts each row's full pages as advance() fills them, the page being filled and later ones kept
+    c = make_pool(num_pages=8, max_pages_per_seq=5)
+    c.reserve(0, 12)
+    c.reserve(1, 8)
+    c.free(0)
+    c.reserve(1, 16)                       # pages [3, 4, 0, 1]
+    assert c.read_table[0].tolist() == [c.null_page] * 5
+    for written in (3, 5, 4, 1, 3):        # 3, 8 (page 2 full), 12, 13, 16 tokens
+        c.advance(1, written)
+        assert torch.equal(c.read_table, read_order_ref(c.block_table, c.seqlens, c.page_size))
+    assert c.read_table[1].tolist() == [0, 1, 3, 4, -1]
+    assert c.block_table[1].tolist() == [3, 4, 0, 1, -1]
+    c.reserve(1, 4)                        # a fifth page, after the sorted ones
+    assert c.read_table[1].tolist() == [0, 1, 3, 4, c.pages_of(1)[4]]
+
+
+@pytest.mark.parametrize("causal, with_new", [(True, True), (True, False), (False, False)])
+def test_pool_attention_reads_through_read_table_where_order_is_free(monkeypatch, causal, with_new):
+    # rows whose pages are out of pool order; a causal call over 3 query tokens without new ones
+    # sees keys by position, so it must read the logical table (else its result would change)
+    g = torch.Generator().manual_seed(53)
+    c = make_pool(num_pages=8, page_size=4, max_batch_size=2, max_pages_per_seq=4, num_layers=1)
+    c.reserve(0, 8)
+    c.reserve(1, 8)
+    c.free(0)
+    c.reserve(1, 16)                       # sequence 1: pages [2, 3, 0, 1]
+    c.reserve(0, 8)
+    c.k_pages[0][:c.num_pages].normal_(generator=g)
+    c.v_pages[0][:c.num_pages].normal_(generator=g)
+    c.advance(0, 8)
+    c.advance(1, 13)
+    assert c.block_table[1].tolist() == [2, 3, 0, 1] and c.read_table[1].tolist() == [0, 2, 3, 1]
+    q = randn((2, 4, 3, 16), torch.float32, generator=g)
+    k = randn((2, 2, 3, 16), torch.float32, generator=g) if with_new else None
+    v = randn((2, 2, 3, 16), torch.float32, generator=g) if with_new else None
+    if with_new:
+        c.reserve(0, 3)
+        c.reserve(1, 3)
+    want, want_k, want_v = kv_cache_ref(q, c.k_pages[0], c.v_pages[0], c.seqlens, k, v, causal=causal,
+                                        block_table=c.block_table)
+    from flashkv_ops import paged
+
+    tables = []
+    real = paged.attention_with_kv_cache
+    monkeypatch.setattr(paged, "attention_with_kv_cache",
+                        lambda *args, **kwargs: tables.append(kwargs["block_table"]) or real(*args, **kwargs))
+    out = c.attention(0, q, k, v, causal=causal)
+    assert len(tables) == 1 and tables[0] is (c.block_table if causal and not with_new else c.read_table)
+    assert_close_to_ref(out, want, what=f"causal={causal} with_new={with_new}")
+    assert bit_equal(c.k_pages[0], want_k) and bit_equal(c.v_pages[0], want_v)
 
 
 def test_pool_exhaustion_is_clear_and_changes_nothing():
