@@ -36,9 +36,10 @@ def paged_read_order(block_table: Tensor, cache_seqlens: Tensor, page_size: int)
     It stays valid while the row's other entries stay as they were and ``cache_seqlens`` only grows,
     for calls whose queries all see every key below the ``cache_seqlens`` given here: decode
     (``S_q == 1``), calls that append ``k``/``v``, and ``causal=False``. A causal call with
-    ``S_q > 1`` and no new tokens needs the logical table. It is a few small device ops with no host
-    sync (CUDA-graph and ``torch.compile`` safe); compute it once per decode step for all layers, or
-    when the table changes. ``PagedKVCache`` keeps such a table itself (``read_table``).
+    ``S_q > 1`` and no new tokens needs the logical table. It is one kernel launch (the registered op
+    ``torch.ops.flashkv.paged_read_order``) with no host sync, so it can be captured in CUDA graphs
+    and traced by ``torch.compile``; compute it once per decode step for all layers, or when the
+    table changes. ``PagedKVCache`` keeps such a table itself (``read_table``).
 
     Parameters
     ----------

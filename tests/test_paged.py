@@ -359,16 +359,18 @@ def read_order_ref(table, lens, page_size):
 
 
 @pytest.mark.parametrize("page_size", [1, 3, 8, 16])
-@pytest.mark.parametrize("max_pages", [1, 5, 33])
+@pytest.mark.parametrize("max_pages", [1, 5, 33, 300])
 def test_paged_read_order_sorts_whole_pages_only(page_size, max_pages):
     # lengths inside the first page, on a page boundary (that page is then full), one short of the
-    # table's end and past it; unused entries -1; a strided view of a wider table
+    # table's end and past it; unused entries -1; a repeated entry (kept, in order); rows longer
+    # than the kernel's block of 128 entries; a strided view of a wider table
     from flashkv_ops import _fallback
 
     g = torch.Generator().manual_seed(page_size * 100 + max_pages)
     wide = torch.randperm(8 * max_pages + 8, generator=g)[:8 * max_pages].to(torch.int32).view(4, 2 * max_pages)
     table = wide[:, ::2]
     table[1, max_pages // 2:] = -1
+    table[3, -1] = table[3, 0]
     lens = torch.tensor([0, page_size * (max_pages // 2), page_size * max_pages - 1, page_size * max_pages + 5],
                         dtype=torch.int32)
     lens[0] = page_size - 1 if page_size > 1 else 0
