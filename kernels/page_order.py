@@ -1,44 +1,42 @@
 """Block tables rewritten to read each sequence's full pages in pool order.
 
-The entries of pages wholly below ``cache_seqlens[b]`` (a prefix of row ``b``) are sorted
-ascending by rank: program ``(b, c)`` takes ``BLOCK`` entries of the row, counts for each how many
-of the prefix's entries come before it (smaller, or equal and further left, so ties keep their
-order) and stores it at that place. Every other entry stays where it is. Work per row grows as
-the prefix squared over ``BLOCK``, spread over ``P / BLOCK`` programs: one launch of ~2 µs on an
-H100 for the tables decode uses, where a one-program ``tl.sort`` of a 2048-entry row took ~28 µs.
+One program per sequence sorts the row's entries of pages wholly below ``cache_seqlens[b]``
+(``tl.sort`` on one tile) and copies the rest unchanged. Rows wider than ``MAX_SORTED_PAGES``
+are left to the caller's ``torch.sort`` path.
 """
 
 import triton
 import triton.language as tl
 
-BLOCK = 128
+from .common import next_power_of_2
+
+# widest row one program sorts in registers
+MAX_SORTED_PAGES = 8192
 
 
 @triton.jit
-def _read_order_kernel(BlockTable, CacheSeqlens, Out, max_pages_per_seq, page_size, stride_bt_b, stride_bt_p,
-                       stride_out_b, BLOCK: tl.constexpr):
+def _read_order_kernel(BlockTable, CacheSeqlens, Out, max_pages_per_seq, page_size, stride_bt_b, stride_bt_p, stride_out_b,
+                       BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
-    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    columns = tl.arange(0, BLOCK_P)
     inside = columns < max_pages_per_seq
-    row = BlockTable + b * stride_bt_b
-    entries = tl.load(row + columns * stride_bt_p, mask=inside, other=0)
-    num_full = tl.minimum(tl.load(CacheSeqlens + b) // page_size, max_pages_per_seq)
-    rank = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, num_full, BLOCK):
-        others = start + tl.arange(0, BLOCK)
-        other_entries = tl.load(row + others * stride_bt_p, mask=others < num_full, other=0)
-        before = ((other_entries[None, :] < entries[:, None])
-                  | ((other_entries[None, :] == entries[:, None]) & (others[None, :] < columns[:, None])))
-        rank += tl.sum((before & (others[None, :] < num_full)).to(tl.int32), axis=1)
-    place = tl.where(columns < num_full, rank, columns)
-    tl.store(Out + b * stride_out_b + place, entries, mask=inside)
+    entries = tl.load(BlockTable + b * stride_bt_b + columns * stride_bt_p, mask=inside, other=0)
+    full = inside & (columns < tl.load(CacheSeqlens + b) // page_size)
+    # The full pages form a prefix of the row; every other entry sorts after them and is put back.
+    keys = tl.where(full, entries.to(tl.int64), 0x7FFFFFFFFFFFFFFF)
+    ordered = tl.sort(keys)
+    tl.store(Out + b * stride_out_b + columns, tl.where(full, ordered, entries.to(tl.int64)).to(tl.int32),
+             mask=inside)
 
 
 def paged_read_order(block_table, cache_seqlens, page_size, out):
-    """Write into ``out`` (int32 ``[B, P]``, contiguous rows) ``block_table`` (int32 ``[B, P]``)
-    with each row's first ``cache_seqlens[b] // page_size`` entries sorted ascending."""
+    """Write into ``out`` (int32 ``[B, P]``) ``block_table`` (int32 ``[B, P]``) with each row's
+    first ``cache_seqlens[b] // page_size`` entries sorted ascending. Needs ``P <= MAX_SORTED_PAGES``."""
     batch, max_pages_per_seq = block_table.shape
-    _read_order_kernel[(batch, triton.cdiv(max_pages_per_seq, BLOCK))](
+    assert max_pages_per_seq <= MAX_SORTED_PAGES
+    block_p = max(16, next_power_of_2(max_pages_per_seq))
+    _read_order_kernel[(batch,)](
         block_table, cache_seqlens, out, max_pages_per_seq, page_size, block_table.stride(0), block_table.stride(1),
-        out.stride(0), BLOCK=BLOCK, num_warps=4,
+        out.stride(0),
+        BLOCK_P=block_p, num_warps=4 if block_p <= 1024 else 8,
     )

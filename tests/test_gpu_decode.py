@@ -379,7 +379,7 @@ def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
 
 @pytest.mark.parametrize("max_pages", [1, 7, 512, 4608, 8192, 8193, 20000])
 def test_gpu_paged_read_order_matches_the_torch_path(max_pages):
-    # rows of one to many blocks of the kernel's entries, prefixes ending inside and past them
+    # one program per row up to MAX_SORTED_PAGES entries, torch.sort past it
     from flashkv_ops import _fallback
 
     g = torch.Generator().manual_seed(max_pages)
