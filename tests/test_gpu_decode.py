@@ -275,6 +275,12 @@ def length_schedule(start, limit, generator):
         step += 1
 
 
+def refill(generator, *tensors):
+    """Fresh random values for a captured graph's inputs, in place (same draws as ``randn``)."""
+    for t in tensors:
+        t.copy_(randn(tuple(t.shape), t.dtype, t.device, generator=generator))
+
+
 def check_step(out, q, k_cache_before, v_cache_before, lens_before, k, v, k_cache, v_cache,
                block_table=None, what=""):
     want, want_k, want_v = kv_cache_ref(q, k_cache_before, v_cache_before, lens_before, k, v,
@@ -309,9 +315,7 @@ def test_cuda_graph_decode_replayed_as_lengths_grow(s_q, dtype):
 
     checked = 0
     for i, inc in enumerate(length_schedule(START_LENS, 4000, g)):
-        q_in.copy_(randn((B, HQ, s_q, D), dtype, DEVICE, generator=g))
-        k_in.copy_(randn((B, HKV, s_q, D), dtype, DEVICE, generator=g))
-        v_in.copy_(randn((B, HKV, s_q, D), dtype, DEVICE, generator=g))
+        refill(g, q_in, k_in, v_in)
         check = i < 3 or i % 7 == 0 or int(lens.min()) > 3900
         if check:
             snap = (k_cache.clone(), v_cache.clone(), lens.clone())
@@ -354,9 +358,7 @@ def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
 
     checked = 0
     for i, inc in enumerate(length_schedule(START_LENS, 4000, g)):
-        q_in.copy_(randn((B, HQ, 1, D), dtype, DEVICE, generator=g))
-        k_in.copy_(randn((B, HKV, 1, D), dtype, DEVICE, generator=g))
-        v_in.copy_(randn((B, HKV, 1, D), dtype, DEVICE, generator=g))
+        refill(g, q_in, k_in, v_in)
         check = i < 3 or i % 7 == 0 or int(cache.seqlens.min()) > 3900
         if check:
             snap = (cache.k_pages[0].clone(), cache.v_pages[0].clone(), cache.seqlens.clone(),
@@ -423,9 +425,7 @@ def test_cuda_graph_paged_read_order_on_random_pages(page_size, head_dim):
 
     checked = sorted_rows = 0
     for i, inc in enumerate(length_schedule(START_LENS, 4000, g)):
-        q_in.copy_(randn((B, HQ, 1, head_dim), dtype, DEVICE, generator=g))
-        k_in.copy_(randn((B, HKV, 1, head_dim), dtype, DEVICE, generator=g))
-        v_in.copy_(randn((B, HKV, 1, head_dim), dtype, DEVICE, generator=g))
+        refill(g, q_in, k_in, v_in)
         check = i < 3 or i % 7 == 0 or int(lens.min()) > 3900
         if check:
             snap = (k_pages.clone(), v_pages.clone(), lens.clone())
