@@ -9,9 +9,10 @@ Providers (all timed in one run, by CUDA-graph replay):
 - ``flashkv``: ``flashkv_ops.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens)``.
 - ``flashkv+append``: the same call also writing this step's k/v into the cache in place
   (``cache_seqlens = length - 1``, so the same keys are attended): the cost of the append.
-- ``flashkv+read_order`` (paged only): ``flashkv`` with the table ``flashkv_ops.paged_read_order``
-  returns (each sequence's pages in pool order), worked out once outside the timed calls as a
-  decode loop does once per step for all layers; the row's ``order_us`` is that call's own time.
+- ``flashkv+read_order``, ``flashkv+append+read_order`` (paged only): the same calls with the table
+  ``flashkv_ops.paged_read_order`` returns (each sequence's full pages in pool order), worked out
+  once outside the timed calls as a decode loop does once per step for all layers; the row's
+  ``order_us`` is that call's own time.
 - ``sdpa_cudnn`` / ``sdpa_flash``: ``F.scaled_dot_product_attention`` restricted to one backend;
   GQA through ``enable_gqa=True`` when the backend takes it, else K/V repeated once outside the
   timed region (the row's ``gqa`` field says which). They have no per-sequence lengths: in the
@@ -60,11 +61,11 @@ FIXED_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
 VARLEN_CONFIG = (32, 32, 8, 4096, 128)
 PAGE_SIZE = 16
 
-PROVIDERS = ("flashkv", "flashkv+append", "flashkv+read_order", "sdpa_cudnn", "sdpa_flash",
-             "hf_static_mask")
-PAGED_PROVIDERS = ("flashkv", "flashkv+append", "flashkv+read_order")
+FLASHKV_PROVIDERS = ("flashkv", "flashkv+append", "flashkv+read_order", "flashkv+append+read_order")
+PROVIDERS = FLASHKV_PROVIDERS + ("sdpa_cudnn", "sdpa_flash", "hf_static_mask")
+PAGED_PROVIDERS = FLASHKV_PROVIDERS
 # Paged-only providers and the provider whose contiguous row they are compared with.
-PAGED_ONLY = {"flashkv+read_order": "flashkv"}
+PAGED_ONLY = {"flashkv+read_order": "flashkv", "flashkv+append+read_order": "flashkv+append"}
 KEY_FIELDS = (
     "batch", "num_q_heads", "num_kv_heads", "max_seqlen", "head_dim", "dtype", "layout",
     "page_size", "provider",
@@ -431,37 +432,30 @@ def run_case(case: DecodeCase, args: argparse.Namespace, sink: common.RowSink) -
                  if (p in PAGED_PROVIDERS if case.layout == "paged" else p not in PAGED_ONLY)]
     for provider in providers:
         def body(provider=provider) -> dict[str, Any]:
-            if provider == "flashkv":
+            if provider in FLASHKV_PROVIDERS:
                 import flashkv_ops
 
-                return timed(common.rotating([
-                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store,
-                                      lengths, **paged_kwargs)
-                    for k_store, v_store, paged_kwargs in flashkv_stores]), held_bytes)
-            if provider == "flashkv+append":
-                import flashkv_ops
-
+                append = "+append" in provider
+                seqlens = seqlens_before if append else lengths
+                new_tokens = (k_new, v_new) if append else ()
+                stores = flashkv_stores
+                if provider.endswith("+read_order"):  # worked out once, as a decode loop does per step
+                    stores = [(k_store, v_store, {"block_table": flashkv_ops.paged_read_order(
+                        paged_kwargs["block_table"], seqlens, case.page_size)})
+                        for k_store, v_store, paged_kwargs in flashkv_stores]
                 figures = timed(common.rotating([
-                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store,
-                                      seqlens_before, k_new, v_new, **paged_kwargs)
-                    for k_store, v_store, paged_kwargs in flashkv_stores]),
-                    decode_bytes(total_tokens, B, Hq, Hkv, D, elem_bytes, append=True))
-                figures["note"] = "writes this step's k/v in place"
-                return figures
-            if provider == "flashkv+read_order":
-                import flashkv_ops
-
-                page_size = case.page_size
-                figures = timed(common.rotating([
-                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store, lengths,
-                                      block_table=flashkv_ops.paged_read_order(paged_kwargs["block_table"],
-                                                                               lengths, page_size))
-                    for k_store, v_store, paged_kwargs in flashkv_stores]), held_bytes)
-                figures["order_us"], _ = common.time_us(
-                    functools.partial(flashkv_ops.paged_read_order, flashkv_stores[0][2]["block_table"],
-                                      lengths, page_size), method=args.timing, **graph_kwargs)
-                figures["note"] = (f"table from paged_read_order ({figures['order_us']:.1f} µs, "
-                                   "once per step)")
+                    functools.partial(flashkv_ops.attention_with_kv_cache, q, k_store, v_store, seqlens,
+                                      *new_tokens, **paged_kwargs)
+                    for k_store, v_store, paged_kwargs in stores]),
+                    decode_bytes(total_tokens, B, Hq, Hkv, D, elem_bytes, append=append))
+                notes = ["writes this step's k/v in place"] if append else []
+                if stores is not flashkv_stores:
+                    figures["order_us"], _ = common.time_us(
+                        functools.partial(flashkv_ops.paged_read_order, flashkv_stores[0][2]["block_table"],
+                                          seqlens, case.page_size), method=args.timing, **graph_kwargs)
+                    notes.append(f"table from paged_read_order ({figures['order_us']:.1f} µs, once per step)")
+                if notes:
+                    figures["note"] = "; ".join(notes)
                 return figures
             if provider in ("sdpa_cudnn", "sdpa_flash"):
                 backend = common.sdpa_backends()[provider]

@@ -401,7 +401,7 @@ def test_decode_run_case_on_cpu(cpu_bench, tmp_path):
         bench_decode.run_case(case, args, sink)
     rows = common.load_rows(tmp_path / "decode.json")
     providers = [(row["layout"], row["provider"]) for row in rows]
-    assert len(providers) == len(set(providers)) == 5 + 5 + 3
+    assert len(providers) == len(set(providers)) == 5 + 5 + 4
     by = {(row["layout"], row["provider"]): row for row in rows}
     # SDPA's cuDNN backend cannot run on a CPU: its row holds the reason, the run went on.
     assert "RuntimeError" in by[("contiguous", "sdpa_cudnn")]["error"]
@@ -411,9 +411,11 @@ def test_decode_run_case_on_cpu(cpu_bench, tmp_path):
             assert row["error"] is None, row["error"]
             assert row["max_abs_diff"] < 1e-4 and row["us"] == 10.0 and row["gbps"] > 0
     # the paged pool read through paged_read_order's table: same result, the sort timed too
-    ordered = by[("paged", "flashkv+read_order")]
-    assert ordered["error"] is None and ordered["max_abs_diff"] < 1e-4 and ordered["order_us"] == 10.0
-    assert "paged_read_order" in ordered["note"]
+    for provider in ("flashkv+read_order", "flashkv+append+read_order"):
+        ordered = by[("paged", provider)]
+        assert ordered["error"] is None and ordered["max_abs_diff"] < 1e-4 and ordered["order_us"] == 10.0
+        assert "paged_read_order" in ordered["note"]
+        assert ordered["bytes"] == by[("paged", provider.replace("+read_order", ""))]["bytes"]
     assert by[("varlen", "hf_static_mask")]["max_abs_diff"] < 1e-4
     assert by[("varlen", "hf_static_mask")]["bytes_read"] > by[("varlen", "flashkv")]["bytes"]
     _table_lines_consistent(bench_decode.decode_table(rows))
