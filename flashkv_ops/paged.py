@@ -36,10 +36,10 @@ def paged_read_order(block_table: Tensor, cache_seqlens: Tensor, page_size: int)
     It stays valid while the row's other entries stay as they were and ``cache_seqlens`` only grows,
     for calls whose queries all see every key below the ``cache_seqlens`` given here: decode
     (``S_q == 1``), calls that append ``k``/``v``, and ``causal=False``. A causal call with
-    ``S_q > 1`` and no new tokens needs the logical table. It is one kernel launch (the registered op
-    ``torch.ops.flashkv.paged_read_order``) with no host sync, so it can be captured in CUDA graphs
-    and traced by ``torch.compile``; compute it once per decode step for all layers, or when the
-    table changes. ``PagedKVCache`` keeps such a table itself (``read_table``).
+    ``S_q > 1`` and no new tokens needs the logical table. It runs as the registered op
+    ``torch.ops.flashkv.paged_read_order`` with no host sync (one Triton program per row for rows of
+    up to 8192 entries, ``torch.sort`` past that), so it can be captured in CUDA graphs and traced
+    by ``torch.compile``; compute it once per decode step for all layers, or when the table changes. ``PagedKVCache`` keeps such a table itself (``read_table``).
 
     Parameters
     ----------
@@ -98,9 +98,10 @@ class PagedKVCache:
         the row of an idle slot (no pages: never reserved, or freed) is all ``null_page``.
     read_table : Tensor
         ``block_table`` with each row's pages wholly below ``seqlens`` in ascending pool order (what
-        ``paged_read_order`` returns, kept on the host at no device cost). ``attention`` reads
-        through it wherever that gives the same result: every call but a causal one with
-        ``seqlen_q > 1`` and no new tokens.
+        ``paged_read_order`` returns), rewritten on the device as pages fill, with no host sync.
+        ``attention`` reads through it wherever that gives the same result: every call but a causal
+        one with ``seqlen_q > 1`` and no new tokens. The allocator keeps both tables in step; edit
+        neither by hand.
     seqlens : Tensor
         int32 ``[max_batch_size]`` tokens held per sequence slot.
     null_page : int
@@ -177,11 +178,10 @@ class PagedKVCache:
         if new_pages:
             first = len(pages)
             pages.extend(new_pages)
-            new_entries = torch.tensor(new_pages, dtype=torch.int32)
-            for table in (self.block_table, self.read_table):
-                if not first:  # an idle slot's row pointed at the null page
-                    table[seq].fill_(-1)
-                table[seq, first:first + len(new_pages)] = new_entries
+            if not first:  # an idle slot's row pointed at the null page
+                self.block_table[seq].fill_(-1)
+            self.block_table[seq, first:first + len(new_pages)] = torch.tensor(new_pages, dtype=torch.int32)
+            self.read_table[seq, first:].copy_(self.block_table[seq, first:])  # device to device
         self._reserved[seq] = max(self._reserved[seq], wanted)
 
     allocate = reserve
@@ -197,8 +197,8 @@ class PagedKVCache:
         self._lengths[seq] += num_tokens
         self.seqlens[seq] = self._lengths[seq]
         full = self._lengths[seq] // self.page_size
-        if full > full_before:  # more pages are full: read them in pool order
-            self.read_table[seq, :full] = torch.tensor(sorted(self._pages[seq][:full]), dtype=torch.int32)
+        if full > full_before:  # more pages are full: read them in pool order (sorted on the device, no sync)
+            self.read_table[seq, :full] = torch.sort(self.block_table[seq, :full]).values
 
     def free(self, seq: int) -> None:
         """Return every page of sequence slot ``seq`` to the pool and reset its length to 0 (the slot

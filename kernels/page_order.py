@@ -15,13 +15,13 @@ MAX_SORTED_PAGES = 8192
 
 
 @triton.jit
-def _read_order_kernel(BlockTable, CacheSeqlens, Out, max_pages_per_seq, page_size, stride_bt_b, stride_bt_p, stride_out_b,
-                       BLOCK_P: tl.constexpr):
+def _read_order_kernel(BlockTable, CacheSeqlens, Out, max_pages_per_seq, page_size, stride_bt_b, stride_bt_p,
+                       stride_len, stride_out_b, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     columns = tl.arange(0, BLOCK_P)
     inside = columns < max_pages_per_seq
     entries = tl.load(BlockTable + b * stride_bt_b + columns * stride_bt_p, mask=inside, other=0)
-    full = inside & (columns < tl.load(CacheSeqlens + b) // page_size)
+    full = inside & (columns < tl.load(CacheSeqlens + b * stride_len) // page_size)
     # The full pages form a prefix of the row; every other entry sorts after them and is put back.
     keys = tl.where(full, entries.to(tl.int64), 0x7FFFFFFFFFFFFFFF)
     ordered = tl.sort(keys)
@@ -30,13 +30,14 @@ def _read_order_kernel(BlockTable, CacheSeqlens, Out, max_pages_per_seq, page_si
 
 
 def paged_read_order(block_table, cache_seqlens, page_size, out):
-    """Write into ``out`` (int32 ``[B, P]``) ``block_table`` (int32 ``[B, P]``) with each row's
-    first ``cache_seqlens[b] // page_size`` entries sorted ascending. Needs ``P <= MAX_SORTED_PAGES``."""
+    """Write into ``out`` (int32 ``[B, P]``) ``block_table`` (int32 ``[B, P]``, any strides) with
+    each row's first ``cache_seqlens[b] // page_size`` entries sorted ascending (``cache_seqlens``:
+    int32 ``[B]``, any stride). Needs ``P <= MAX_SORTED_PAGES``."""
     batch, max_pages_per_seq = block_table.shape
     assert max_pages_per_seq <= MAX_SORTED_PAGES
     block_p = max(16, next_power_of_2(max_pages_per_seq))
     _read_order_kernel[(batch,)](
         block_table, cache_seqlens, out, max_pages_per_seq, page_size, block_table.stride(0), block_table.stride(1),
-        out.stride(0),
+        cache_seqlens.stride(0), out.stride(0),
         BLOCK_P=block_p, num_warps=4 if block_p <= 1024 else 8,
     )

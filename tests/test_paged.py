@@ -362,8 +362,8 @@ def read_order_ref(table, lens, page_size):
 @pytest.mark.parametrize("max_pages", [1, 5, 33, 300])
 def test_paged_read_order_sorts_whole_pages_only(page_size, max_pages):
     # lengths inside the first page, on a page boundary (that page is then full), one short of the
-    # table's end and past it; unused entries -1; a repeated entry (kept, in order); rows longer
-    # than the kernel's block of 128 entries; a strided view of a wider table
+    # table's end and past it; unused entries -1; a repeated entry; rows wider than 128 entries;
+    # strided views of a wider table and of wider lengths
     from flashkv_ops import _fallback
 
     g = torch.Generator().manual_seed(page_size * 100 + max_pages)
@@ -379,6 +379,9 @@ def test_paged_read_order_sorts_whole_pages_only(page_size, max_pages):
     got = fkv.paged_read_order(table, lens, page_size)
     assert got.dtype == torch.int32 and got.shape == table.shape and got.is_contiguous()
     assert torch.equal(got, want)
+    # lengths as a strided view (every other entry of a wider tensor holding other values)
+    strided = torch.stack([lens, torch.full_like(lens, 2**30)], dim=1)[:, 0]
+    assert torch.equal(fkv.paged_read_order(table, strided, page_size), want)
     assert torch.equal(_fallback.paged_read_order(table, lens, page_size), want)
     assert torch.equal(table, table0), "block_table modified"
 
