@@ -8,6 +8,7 @@ torch.compile traces and while a CUDA graph is being captured, so no check syncs
 import math
 import numbers
 import operator
+from typing import Optional
 
 import numpy as np
 import torch
@@ -167,16 +168,20 @@ def check_new_tokens(q, k_cache, k, v) -> None:
             raise ValueError(f"{name} must have shape [B, H_kv, S_q, D] = {list(expected)}, got {list(t.shape)}")
 
 
-def check_block_table(block_table, batch: int, device: torch.device) -> None:
+def check_block_table(block_table, batch: Optional[int] = None, device: Optional[torch.device] = None) -> None:
+    """int32 ``[B, max_pages_per_seq]``; ``batch`` and ``device``, when given, are what B and its
+    device must be."""
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be an int32 torch.Tensor, got {type(block_table).__name__}")
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-    if block_table.dim() != 2 or block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have shape [B={batch}, max_pages_per_seq], got {tuple(block_table.shape)}")
+    if block_table.dim() != 2 or (batch is not None and block_table.shape[0] != batch):
+        rows = "B" if batch is None else f"B={batch}"
+        raise ValueError(f"block_table must have shape [{rows}, max_pages_per_seq], got {tuple(block_table.shape)}")
     if block_table.shape[1] == 0:
         raise ValueError("block_table must have at least one page per sequence")
-    check_same_device("block_table", block_table, device)
+    if device is not None:
+        check_same_device("block_table", block_table, device)
 
 
 def check_cache_values(cache_seqlens, seqlen_q: int, capacity: int, block_table, num_pages: int,

@@ -39,7 +39,8 @@ def paged_read_order(block_table: Tensor, cache_seqlens: Tensor, page_size: int)
     ``S_q > 1`` and no new tokens needs the logical table. It runs as the registered op
     ``torch.ops.flashkv.paged_read_order`` with no host sync (one Triton program per row for rows of
     up to 8192 entries, ``torch.sort`` past that), so it can be captured in CUDA graphs and traced
-    by ``torch.compile``; compute it once per decode step for all layers, or when the table changes. ``PagedKVCache`` keeps such a table itself (``read_table``).
+    by ``torch.compile``; compute it once per decode step for all layers, or when the table changes.
+    ``PagedKVCache`` keeps such a table itself (``read_table``).
 
     Parameters
     ----------
@@ -57,9 +58,7 @@ def paged_read_order(block_table: Tensor, cache_seqlens: Tensor, page_size: int)
         int32 ``[B, max_pages_per_seq]``, a new tensor on ``block_table``'s device.
     """
     page_size = check_count("page_size", page_size, 1)
-    if not isinstance(block_table, Tensor):
-        raise TypeError(f"block_table must be an int32 torch.Tensor, got {type(block_table).__name__}")
-    check_block_table(block_table, block_table.shape[0] if block_table.dim() else -1, block_table.device)
+    check_block_table(block_table)
     check_lengths_tensor("cache_seqlens", cache_seqlens, block_table.shape[0], block_table.device)
     return torch.ops.flashkv.paged_read_order(block_table, cache_seqlens, page_size)
 
@@ -177,9 +176,9 @@ class PagedKVCache:
         new_pages = [heapq.heappop(self._free) for _ in range(max(needed, 0))]
         if new_pages:
             first = len(pages)
-            pages.extend(new_pages)
             if not first:  # an idle slot's row pointed at the null page
                 self.block_table[seq].fill_(-1)
+            pages.extend(new_pages)
             self.block_table[seq, first:first + len(new_pages)] = torch.tensor(new_pages, dtype=torch.int32)
             self.read_table[seq, first:].copy_(self.block_table[seq, first:])  # device to device
         self._reserved[seq] = max(self._reserved[seq], wanted)

@@ -56,7 +56,8 @@ def build_paged(k_cache, v_cache, lens, s_q, page_size, generator, *, extra_page
     return k_pages, v_pages, table
 
 
-def check_paged_vs_contiguous(case, g):
+def paged_inputs(case, g):
+    """A case's contiguous caches, the same tokens in a randomly permuted pool, q and new k/v."""
     b, hkv, d, s_q, dtype = (case["batch"], case["num_kv_heads"], case["head_dim"],
                              case["s_q"], case["dtype"])
     hq = hkv * case["ratio"]
@@ -75,6 +76,13 @@ def check_paged_vs_contiguous(case, g):
         k = randn((b, hkv, s_q, d), dtype, generator=g)
         v = randn((b, hkv, s_q, d), dtype, generator=g)
     lens = torch.tensor(lens_list, dtype=torch.int32)
+    return k_cache, v_cache, k_pages, v_pages, table, q, k, v, lens
+
+
+def check_paged_vs_contiguous(case, g):
+    b, s_q, dtype = case["batch"], case["s_q"], case["dtype"]
+    lens_list, with_new = case["lens"], case["with_new"]
+    k_cache, v_cache, k_pages, v_pages, table, q, k, v, lens = paged_inputs(case, g)
     table0 = table.clone()
     want_out, want_kp, want_vp = kv_cache_ref(q, k_pages, v_pages, lens, k, v,
                                               causal=case["causal"], block_table=table)
@@ -393,27 +401,14 @@ def test_paged_read_order_gives_the_same_attention_and_slots(case):
     # logical table's result and writes the same slots
     if case["causal"] and not case["with_new"] and case["s_q"] > 1:
         case = dict(case, causal=False)
-    g = torch.Generator().manual_seed(case["seed"])
-    b, hkv, d, s_q, dtype = case["batch"], case["num_kv_heads"], case["head_dim"], case["s_q"], case["dtype"]
-    lens_list = case["lens"]
-    s_max = max(lens_list) + s_q + 2
-    k_cache = randn((b, hkv, s_max, d), dtype, generator=g)
-    v_cache = randn((b, hkv, s_max, d), dtype, generator=g)
-    k_pages, v_pages, table = build_paged(k_cache, v_cache, lens_list, s_q, case["page_size"], g,
-                                          extra_pages=case["extra_pages"], extra_columns=case["extra_columns"],
-                                          unused=case["unused"], with_new=case["with_new"])
-    q = randn((b, hkv * case["ratio"], s_q, d), dtype, generator=g)
-    k = v = None
-    if case["with_new"]:
-        k = randn((b, hkv, s_q, d), dtype, generator=g)
-        v = randn((b, hkv, s_q, d), dtype, generator=g)
-    lens = torch.tensor(lens_list, dtype=torch.int32)
+    _, _, k_pages, v_pages, table, q, k, v, lens = paged_inputs(case, torch.Generator().manual_seed(case["seed"]))
     ordered = fkv.paged_read_order(table, lens, case["page_size"])
     assert torch.equal(ordered, read_order_ref(table, lens, case["page_size"]))
     pools = [(k_pages.clone(), v_pages.clone()) for _ in range(2)]
     outs = [fkv.attention_with_kv_cache(q, kp, vp, lens, k, v, causal=case["causal"], block_table=t)
             for (kp, vp), t in zip(pools, (table, ordered))]
     assert bit_equal(pools[0][0], pools[1][0]) and bit_equal(pools[0][1], pools[1][1]), str(case)
+    dtype = case["dtype"]
     same = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 2e-2)
     assert max_err(outs[0], outs[1]) <= same, str(case)
 
