@@ -180,6 +180,7 @@ def online_softmax_blocks(
     stride_blocks=1,  # the loop takes every stride_blocks-th block from lo (decode's interleaved splits)
     guessed_next=0,  # GUESS_NEXT: the entries of keys [guess_lo + BLOCK_N, guess_lo + 2 * BLOCK_N), read
     GUESS_NEXT: tl.constexpr = False,  # with guessed_pages; the first iteration takes them (stride_blocks 1)
+    BIAS_MASK: tl.constexpr = False,  # MASKED: hidden scores come from a 0 / -inf tile the dot starts from
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -195,6 +196,11 @@ def online_softmax_blocks(
     a trip through registers, every row it holds is finite, and whole blocks pay no masking
     arithmetic after the dot (a branch choosing masked or unmasked arithmetic per block cost
     0.1-0.2 us on 67 MB caches, NOTES.md).
+
+    BIAS_MASK (MASKED blocks): the same 0 / -inf tile hides the scores of keys outside the range
+    instead of a select after the dot; the loads stay masked (slots past a length may hold NaN).
+    Paged pools at D=64 run a slice with a partial last block masked throughout, and it cost them
+    0.2 us at 67 MB against 0.05 this way (NOTES.md twenty-first round).
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -268,21 +274,27 @@ def online_softmax_blocks(
                 else:
                     k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
                     v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if MASKED:
+        if MASKED and not BIAS_MASK:
             visible = want[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= query_index[:, None] + diag)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, visible, qk_scale, True, DOT_PRECISION)
-        elif SHIFT_TAIL:
-            # the rows this block was read from: those before start_n were seen already (and, causal,
-            # keys past a row's diagonal are hidden). Their scores start from -inf in the dot's
-            # accumulator, a tile built before the copy lands: no masking after the dot, no branch.
-            visible = (offs_load >= start_n)[None, :]
+        elif MASKED or SHIFT_TAIL:
+            # MASKED: keys outside [key_start, key_end) are hidden (their rows were loaded as zeros, so
+            # a row may see nothing in this block). SHIFT_TAIL: the rows this block was read from
+            # before start_n were seen already. Causal: keys past a row's diagonal are hidden too.
+            # Their scores start from -inf in the dot's accumulator, a tile built before the loads
+            # land: no masking after the dot, no branch.
+            offs_seen = offs_n
+            visible = want[None, :]
+            if not MASKED:
+                offs_seen = offs_load
+                visible = (offs_load >= start_n)[None, :]
             if CAUSAL:
-                visible = visible & (offs_load[None, :] <= query_index[:, None] + diag)
+                visible = visible & (offs_seen[None, :] <= query_index[:, None] + diag)
             bias = tl.broadcast_to(tl.where(visible, 0.0, float("-inf")), (q.shape[0], BLOCK_N))
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, bias, qk_scale, False, DOT_PRECISION,
-                                                True, CAUSAL)
+                                                True, CAUSAL or MASKED)
         else:
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, offs_n, qk_scale, False, DOT_PRECISION)
     return acc, l_i, m_i

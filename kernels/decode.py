@@ -162,6 +162,7 @@ def _decode_split_kernel(
     SORT_PAGES: tl.constexpr,
     EARLY_PREFETCH: tl.constexpr,
     GUESS_NEXT: tl.constexpr,
+    BIAS_MASK: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -366,7 +367,7 @@ def _decode_split_kernel(
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
                 TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks, guessed_next,
-                USE_GUESS and GUESS_NEXT)
+                USE_GUESS and GUESS_NEXT, BIAS_MASK)
     if APPEND and DIRECT:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens (one token on a paged pool: before the loop, above) and
@@ -602,6 +603,11 @@ DECODE_SORT_PAGES = True
 # program take a whole SM, and every program asks the L2 for its first block before the wait on
 # the kernel before it (else split 0 asks after it)
 DECODE_EARLY_PREFETCH = True
+# Paged 16-bit pools at D <= 64 read a block ahead, no causal diagonal: the masked loop (a slice whose
+# last block is partial, as at most lengths) hides keys past the length by the tile the dot starts
+# from, not by a select after it (H100, 8x32/4x8192x64 appending step 26.5 -> 26.3 us; 0.7 us slower
+# at D=128, NOTES.md twenty-first round)
+DECODE_BIAS_MASK = True
 
 
 def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:
@@ -760,6 +766,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         SORT_PAGES=sort_pages,
         EARLY_PREFETCH=early_prefetch,
         GUESS_NEXT=guess_next,
+        BIAS_MASK=DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
