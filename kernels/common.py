@@ -199,8 +199,8 @@ def online_softmax_blocks(
 
     BIAS_MASK (MASKED blocks): the same 0 / -inf tile hides the scores of keys outside the range
     instead of a select after the dot; the loads stay masked (slots past a length may hold NaN).
-    Paged pools at D=64 run a slice with a partial last block masked throughout, and it cost them
-    0.2 us at 67 MB against 0.05 this way (NOTES.md twenty-first round).
+    Paged pools at D=64 run a slice with a partial last block masked throughout: 0.26-0.30 us
+    over full length at 67 MB with the select, 0.06-0.11 this way (NOTES.md twenty-first round).
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM

@@ -605,8 +605,8 @@ DECODE_SORT_PAGES = True
 DECODE_EARLY_PREFETCH = True
 # Paged 16-bit pools at D <= 64 read a block ahead, no causal diagonal: the masked loop (a slice whose
 # last block is partial, as at most lengths) hides keys past the length by the tile the dot starts
-# from, not by a select after it (H100, 8x32/4x8192x64 appending step 26.5 -> 26.3 us; 0.7 us slower
-# at D=128, NOTES.md twenty-first round)
+# from, not by a select after it (H100, 8x32/4x8192x64 appending step 26.5 -> 26.3 us; 0.6-0.9 us
+# slower at D=128, NOTES.md twenty-first round)
 DECODE_BIAS_MASK = True
 
 
