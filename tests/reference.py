@@ -215,6 +215,39 @@ def randn(shape, dtype, device="cpu", *, generator=None, bshd=False, scale=1.0):
     return base.to(dtype=dtype, device=device)
 
 
+def build_paged(k_cache, v_cache, lens, s_q, page_size, generator, *, extra_pages=0,
+                extra_columns=0, unused="minus_one", with_new=True, garbage="randn"):
+    """Scatter contiguous caches ``[B, H, S_max, D]`` into a pool with a random page permutation.
+
+    Each sequence gets the pages for ``lens[b] + s_q`` tokens. Pool slots not holding a valid
+    token get fresh random garbage. Returns ``(k_pages, v_pages, block_table)``.
+    """
+    batch, heads, _, head_dim = k_cache.shape
+    need = [-(-(n + (s_q if with_new else 0)) // page_size) for n in lens]
+    num_pages = sum(need) + extra_pages
+    num_pages = max(num_pages, 1)
+    perm = torch.randperm(num_pages, generator=generator).tolist()
+    max_pages = max(max(need), 1) + extra_columns
+    table = torch.full((batch, max_pages), -1, dtype=torch.int32)
+    if unused == "random":
+        table = torch.randint(0, num_pages, (batch, max_pages), generator=generator,
+                              dtype=torch.int32)
+    k_pages = randn((num_pages, heads, page_size, head_dim), k_cache.dtype, generator=generator)
+    v_pages = randn((num_pages, heads, page_size, head_dim), k_cache.dtype, generator=generator)
+    if garbage == "nan":  # uninitialised memory: invisible slots must not leak into results
+        k_pages.fill_(float("nan"))
+        v_pages.fill_(float("nan"))
+    it = iter(perm)
+    for b in range(batch):
+        for i in range(need[b]):
+            table[b, i] = next(it)
+        for pos in range(lens[b]):
+            page, slot = int(table[b, pos // page_size]), pos % page_size
+            k_pages[page, :, slot] = k_cache[b, :, pos]
+            v_pages[page, :, slot] = v_cache[b, :, pos]
+    return k_pages, v_pages, table
+
+
 def bit_equal(a, b):
     """Bitwise equality (NaN payloads included), for 'exactly these slots changed' checks."""
     if a.shape != b.shape or a.dtype != b.dtype:

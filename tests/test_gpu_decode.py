@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashkv_ops as fkv
-from reference import (assert_close_to_ref, attention_ref, bit_equal, kv_cache_ref, linearize,
+from reference import (assert_close_to_ref, attention_ref, bit_equal, build_paged, kv_cache_ref, linearize,
                        lowp_attention_torch, max_err, randn)
 
 pytestmark = [pytest.mark.gpu,
@@ -144,29 +144,18 @@ def test_gpu_paged_partial_blocks_with_nan_past_the_lengths(head_dim, shape, s_q
     # Paged pools (random page order, page_size 16) hide the keys past a length inside a slice's
     # partial last block, by the tile the dot starts from at D=64 (no causal diagonal) and by a
     # select elsewhere, while the rows were loaded masked: NaN in every slot past the lengths and
-    # in the spare pages must not leak. 14 sequence-heads get several splits on an H100, 128 one.
+    # in the spare pages must not leak (table entries past a sequence's pages are -1). 14
+    # sequence-heads get several splits on an H100, 128 one.
     b, hq, hkv = shape
-    s_max, p, dt = 2048, 16, torch.float16
+    s_max, dt = 2048, torch.float16
     g = torch.Generator().manual_seed(head_dim + 10 * s_q + b)
     lens_list = ([0, 1, 17, 255, 257, 1153, s_max - s_q] * 3)[:b]
     if not with_new:
         lens_list = [max(n, s_q) for n in lens_list]
-    k_cache = randn((b, hkv, s_max, head_dim), dt, DEVICE, generator=g)
-    v_cache = randn((b, hkv, s_max, head_dim), dt, DEVICE, generator=g)
-    for i, n in enumerate(lens_list):
-        k_cache[i, :, n:] = float("nan")
-        v_cache[i, :, n:] = float("nan")
-    pages_per_seq = s_max // p
-    table = torch.randperm(b * pages_per_seq + 5, generator=g)[:b * pages_per_seq]
-    table = table.to(torch.int32).view(b, pages_per_seq).to(DEVICE)
-
-    def to_pool(cache):
-        pool = torch.full((b * pages_per_seq + 5, hkv, p, head_dim), float("nan"), dtype=dt, device=DEVICE)
-        pool[table.flatten().long()] = cache.view(b, hkv, pages_per_seq, p, head_dim).transpose(1, 2).reshape(
-            -1, hkv, p, head_dim)
-        return pool
-
-    k_pages, v_pages = to_pool(k_cache), to_pool(v_cache)
+    k_cache = randn((b, hkv, s_max, head_dim), dt, generator=g)
+    v_cache = randn((b, hkv, s_max, head_dim), dt, generator=g)
+    k_pages, v_pages, table = (t.to(DEVICE) for t in build_paged(
+        k_cache, v_cache, lens_list, s_q, 16, g, extra_pages=5, with_new=with_new, garbage="nan"))
     q = randn((b, hq, s_q, head_dim), dt, DEVICE, generator=g)
     k = randn((b, hkv, s_q, head_dim), dt, DEVICE, generator=g) if with_new else None
     v = randn((b, hkv, s_q, head_dim), dt, DEVICE, generator=g) if with_new else None
