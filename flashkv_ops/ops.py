@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _fallback
-from .kernels import (MAX_SORTED_PAGES, append_kv, attention_decode, attention_forward, decode_packed_rows,
-                      paged_read_order)
+from .kernels import append_kv, attention_decode, attention_forward, decode_packed_rows, paged_read_order
 
 # TRITON_INTERPRET is read by triton when it is imported, so decide once, here.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -120,7 +119,7 @@ def _(q, k, v, key_start, key_end, causal=True, scale=None):
 
 @torch.library.custom_op("flashkv::paged_read_order", mutates_args=())
 def paged_read_order_op(block_table: Tensor, cache_seqlens: Tensor, page_size: int) -> Tensor:
-    if not uses_triton(block_table) or block_table.shape[1] > MAX_SORTED_PAGES:
+    if not uses_triton(block_table):
         return _fallback.paged_read_order(block_table, cache_seqlens, page_size)
     out = torch.empty(block_table.shape, dtype=torch.int32, device=block_table.device)
     paged_read_order(block_table, cache_seqlens, page_size, out)

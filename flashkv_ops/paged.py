@@ -37,9 +37,9 @@ def paged_read_order(block_table: Tensor, cache_seqlens: Tensor, page_size: int)
     for calls whose queries all see every key below the ``cache_seqlens`` given here: decode
     (``S_q == 1``), calls that append ``k``/``v``, and ``causal=False``. A causal call with
     ``S_q > 1`` and no new tokens needs the logical table. It runs as the registered op
-    ``torch.ops.flashkv.paged_read_order`` with no host sync (one Triton program per row for rows of
-    up to 8192 entries, ``torch.sort`` past that), so it can be captured in CUDA graphs and traced
-    by ``torch.compile``; compute it once per decode step for all layers, or when the table changes.
+    ``torch.ops.flashkv.paged_read_order`` with no host sync (one Triton launch: a sort per row for
+    rows of up to 256 entries, a rank by counting past that), so it can be captured in CUDA graphs
+    and traced by ``torch.compile``; compute it once per decode step for all layers, or when the table changes.
     ``PagedKVCache`` keeps such a table itself (``read_table``).
 
     Parameters

@@ -6,7 +6,6 @@ No validation and no torch.library here: callers in ``flashkv_ops`` check inputs
 from .attention_fwd import attention_forward
 from .cache_append import append_kv
 from .decode import attention_decode, decode_packed_rows
-from .page_order import MAX_SORTED_PAGES, paged_read_order
+from .page_order import paged_read_order
 
-__all__ = ["attention_forward", "attention_decode", "append_kv", "decode_packed_rows", "MAX_SORTED_PAGES",
-           "paged_read_order"]
+__all__ = ["attention_forward", "attention_decode", "append_kv", "decode_packed_rows", "paged_read_order"]

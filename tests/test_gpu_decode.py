@@ -411,13 +411,15 @@ def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
     assert int(cache.seqlens.min()) > 4000 and checked >= 10
 
 
-@pytest.mark.parametrize("max_pages", [1, 7, 512, 4608, 8192, 8193, 20000])
+@pytest.mark.parametrize("max_pages", [1, 7, 256, 257, 512, 4608, 8192, 8193, 20000])
 def test_gpu_paged_read_order_matches_the_torch_path(max_pages):
-    # one program per row up to MAX_SORTED_PAGES entries, torch.sort past it
+    # a sort per row up to SORT_MAX_PAGES entries, ranks past it (prefixes ending inside a chunk of
+    # the rank kernel's compared entries, a repeated entry)
     from flashkv_ops import _fallback
 
     g = torch.Generator().manual_seed(max_pages)
     table = torch.randperm(3 * max_pages + 9, generator=g)[:3 * max_pages].view(3, max_pages).to(torch.int32)
+    table[2, -1] = table[2, 0]
     lens = torch.tensor([0, 5 * max_pages // 2, 4 * max_pages + 3], dtype=torch.int32)
     got = fkv.paged_read_order(table.to(DEVICE), lens.to(DEVICE), 4)
     assert torch.equal(got.cpu(), _fallback.paged_read_order(table, lens, 4))
