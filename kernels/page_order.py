@@ -76,8 +76,8 @@ def _sorted_rows_kernel(BlockTable, CacheSeqlens, Out, max_pages_per_seq, page_s
              tl.where(full, ordered, entries.to(tl.int64)).to(tl.int32), mask=inside)
 
 
-# Rows up to this width are sorted by one program each: 2.1-2.5 us on the H100 for the tables of
-# 128-256 entries decode uses, 0.06-0.65 us less than by rank (benchmarks/NOTES.md)
+# Rows up to this width are sorted by one program each: 2.1-2.5 us on the H100 for rows of 128-256
+# entries, 0.4-1.7 us less than by rank with the tile below (benchmarks/NOTES.md)
 SORT_MAX_PAGES = 256
 # by rank: entries each program places, prefix entries compared per step, warps (H100 sweep, NOTES.md)
 ORDER_BLOCK = 16
