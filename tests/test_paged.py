@@ -361,6 +361,25 @@ def test_paged_read_order_sorts_whole_pages_only(page_size, max_pages):
     assert torch.equal(table, table0), "block_table modified"
 
 
+@pytest.mark.parametrize("block, others", [(4, 8), (2, 16), (8, 8)])
+def test_paged_read_order_rank_kernel_over_many_chunks(block, others):
+    # the rank kernel with tiles far smaller than the rows, so a program's entries have chunks on
+    # both sides of their own (compared by value only) and the prefix ends inside a chunk; repeated
+    # entries, int32 extremes, lengths past the row
+    from flashkv_ops import _fallback
+    from flashkv_ops.kernels import page_order
+
+    g = torch.Generator().manual_seed(block * 100 + others)
+    for trial in range(6):
+        rows, width = 3, int(torch.randint(1, 60, (1,), generator=g))
+        table = torch.randint(-3, width, (rows, width), generator=g, dtype=torch.int32)  # repeats
+        table[0, ::3] = 2**31 - 1 if trial % 2 else -2**31
+        lens = torch.randint(0, 4 * width + 8, (rows,), generator=g, dtype=torch.int32)
+        out = torch.full_like(table, -99)
+        page_order.paged_read_order(table, lens, 4, out, block, others, 1)
+        assert torch.equal(out, _fallback.paged_read_order(table, lens, 4)), (table, lens)
+
+
 @PROPERTY
 @given(case=paged_cases())
 def test_paged_read_order_gives_the_same_attention_and_slots(case):
