@@ -365,19 +365,20 @@ def test_paged_read_order_sorts_whole_pages_only(page_size, max_pages):
 def test_paged_read_order_rank_kernel_over_many_chunks(block, others):
     # the rank kernel with tiles far smaller than the rows, so a program's entries have chunks on
     # both sides of their own (compared by value only) and the prefix ends inside a chunk; repeated
-    # entries, int32 extremes, lengths past the row
+    # entries, int32 extremes, lengths past the row (compiled on a GPU, else the interpreter)
     from flashkv_ops import _fallback
     from flashkv_ops.kernels import page_order
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(block * 100 + others)
     for trial in range(6):
         rows, width = 3, int(torch.randint(1, 60, (1,), generator=g))
         table = torch.randint(-3, width, (rows, width), generator=g, dtype=torch.int32)  # repeats
         table[0, ::3] = 2**31 - 1 if trial % 2 else -2**31
         lens = torch.randint(0, 4 * width + 8, (rows,), generator=g, dtype=torch.int32)
-        out = torch.full_like(table, -99)
-        page_order.paged_read_order(table, lens, 4, out, block, others, 1)
-        assert torch.equal(out, _fallback.paged_read_order(table, lens, 4)), (table, lens)
+        out = torch.full_like(table, -99, device=device)
+        page_order.paged_read_order(table.to(device), lens.to(device), 4, out, block, others, 1)
+        assert torch.equal(out.cpu(), _fallback.paged_read_order(table, lens, 4)), (table, lens)
 
 
 @PROPERTY
