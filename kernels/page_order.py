@@ -92,7 +92,8 @@ def paged_read_order(block_table, cache_seqlens, page_size, out, block=None, oth
     rank kernel's tile sizes, powers of two with ``others`` a multiple of ``block``; when all are None,
     rows of at most ``SORT_MAX_PAGES`` entries are sorted by one program each instead."""
     batch, max_pages_per_seq = block_table.shape
-    if block is others is num_warps is None and max_pages_per_seq <= SORT_MAX_PAGES:
+    default_tiles = block is None and others is None and num_warps is None
+    if default_tiles and max_pages_per_seq <= SORT_MAX_PAGES:
         _sorted_rows_kernel[(batch,)](
             block_table, cache_seqlens, out, max_pages_per_seq, page_size, block_table.stride(0),
             block_table.stride(1), cache_seqlens.stride(0), out.stride(0),
