@@ -24,11 +24,14 @@ def load_new_tokens(KNew, VNew, CacheSeqlens, b, kv_h, rows, seqlen_new, key_cap
     positions = tl.load(CacheSeqlens + b) + rows
     want = (rows < seqlen_new) & (positions >= 0) & (positions < key_capacity)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = want[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # the rows are loaded whatever the length (no wait on its load first), then zeroed where unwanted
+    mask = (rows < seqlen_new)[:, None] & (offs_d < HEAD_DIM)[None, :]
     kn_base = KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h
     vn_base = VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h
     k_new = tl.load(kn_base + rows[:, None] * stride_kn_s + offs_d[None, :], mask=mask, other=0.0)
     v_new = tl.load(vn_base + rows[:, None] * stride_vn_s + offs_d[None, :], mask=mask, other=0.0)
+    k_new = tl.where(want[:, None], k_new, 0.0)
+    v_new = tl.where(want[:, None], v_new, 0.0)
     return positions, want, k_new, v_new
 
 

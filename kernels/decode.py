@@ -11,7 +11,10 @@ pools each split is one slice of consecutive blocks.
 Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no launch of its own:
 stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
 more "split" and writes them into the cache; with one split, stage 1 does both itself (its
-program is the only reader of that sequence and KV head). On Hopper both stages use
+program is the only reader of that sequence and KV head). On paged pools read a block ahead
+(most of them; see ``write_first`` in `attention_decode`), the stage 1 program whose slice
+holds the new tokens writes them into the pool first, behind a barrier, and reads its slice to
+the end like any other. On Hopper both stages use
 programmatic dependent launch: each starts while the kernel before it drains and waits
 (``gdc_wait``) before reading; stage 1 lets the next kernel launch once it has waited, stage 2
 at once (nothing it launches reads before waiting for it to end).
@@ -111,7 +114,7 @@ def _decode_split_kernel(
     KeyStart,
     KeyEnd,
     BlockTable,
-    KNew,  # APPEND and DIRECT: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
+    KNew,  # APPEND with DIRECT or WRITE_FIRST: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
     VNew,
     VisitTable,  # SORT_PAGES: int32 [grid, SORT_PAGES], each program's table entries in visiting order
     # -- sizes
@@ -163,6 +166,7 @@ def _decode_split_kernel(
     EARLY_PREFETCH: tl.constexpr,
     GUESS_NEXT: tl.constexpr,
     BIAS_MASK: tl.constexpr,
+    WRITE_FIRST: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -262,13 +266,15 @@ def _decode_split_kernel(
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
-    if APPEND and DIRECT:
+    if APPEND and (DIRECT or WRITE_FIRST):
         # fused append with one split (after the cache loop, below): this step's tokens are loaded
         # now, so their latency hides behind the cache stream instead of adding to the kernel's tail
+        # (WRITE_FIRST: they are written before the loop, next to the first table and length reads)
         rows_t = tl.arange(0, BLOCK_T)
         pos_t, stored, k_new, v_new = load_new_tokens(
             KNew, VNew, KeyEnd, b, kv_h, rows_t, seqlen_new, key_capacity,
             stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM, BLOCK_D)
+    if APPEND and DIRECT and not WRITE_FIRST:
         # and where they go (paged: a table read), so the store at the end waits on no load
         new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
             bt_row, pos_t, stored, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
@@ -295,7 +301,24 @@ def _decode_split_kernel(
     # diagonal of a multi-token query) is masked
     cache_hi = hi
     cache_end = key_end
-    if APPEND:
+    if APPEND and WRITE_FIRST:
+        # This step's tokens inside this program's slice are written into the pool before the loop
+        # reads it, so the slice is read to its end like any other (the new tokens are not scored
+        # apart, and a slice ending where they do runs unmasked); no other program's slice holds
+        # them. The barrier orders the stores before the loop's loads by the program's other
+        # threads; only programs that write anything wait on it. Split 0 also writes tokens before
+        # the key start, which no program reads.
+        tl.static_assert(not INTERLEAVED, "interleaved splits do not own one slice")
+        mine = stored & (pos_t >= tl.where(split == 0, 0, lo)) & (pos_t < hi)
+        new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
+            bt_row, pos_t, mine, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
+            max_pages_per_seq, PAGED)
+        if tl.max(mine.to(tl.int32), 0) > 0:
+            store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM,
+                           BLOCK_D)
+            if SORT_PAGES == 0:  # (else the barrier after the visiting order's store serves)
+                tl.debug_barrier()
+    elif APPEND:
         # Fused append: cache slots from cache_seqlens[b] on are this step's new tokens, which
         # the merge kernel writes and attends to; here the slices stop before the first one
         # (the causal diagonal still counts them)
@@ -314,7 +337,7 @@ def _decode_split_kernel(
     # loop, where its layout conversions overlap the first gathers (16x8/8x2048x64 append: 26.03 ->
     # 25.75 us on the H100); after the loop, bulk copies keep it out of their pipeline's start
     # (24.38 against 24.65-24.72 before it, NOTES.md sixteenth round)
-    FOLD_FIRST: tl.constexpr = APPEND and DIRECT and BLOCK_T == 1 and PAGED
+    FOLD_FIRST: tl.constexpr = APPEND and DIRECT and BLOCK_T == 1 and PAGED and not WRITE_FIRST
     if FOLD_FIRST:
         acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale)
     # Each loop below costs its software pipeline's fill and drain (H100: 0.2-0.3 us on 67 MB
@@ -368,7 +391,7 @@ def _decode_split_kernel(
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
                 TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks, guessed_next,
                 USE_GUESS and GUESS_NEXT, BIAS_MASK)
-    if APPEND and DIRECT:
+    if APPEND and DIRECT and not WRITE_FIRST:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens (one token on a paged pool: before the loop, above) and
         # writes them into the cache after its own reads, as the merge kernel does when there are
@@ -608,6 +631,10 @@ DECODE_EARLY_PREFETCH = True
 # from, not by a select after it (H100, 8x32/4x8192x64 appending step 26.5 -> 26.3 us; 0.6-0.9 us
 # slower at D=128, NOTES.md twenty-first round)
 DECODE_BIAS_MASK = True
+# Paged 16-bit pools read a block ahead, appending: the program whose slice holds this step's tokens
+# writes them into the pool before reading it, and reads the slice to its end (the merge kernel,
+# or with one split the program itself, then neither scores nor writes them separately)
+DECODE_WRITE_FIRST = True
 
 
 def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:
@@ -703,6 +730,16 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # the split kernel's own new tokens (one split): one key folds in elementwise, several form a
     # tl.dot operand (at least 16 rows)
     block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
+    bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
+    # Paged pools read a block ahead: the new tokens written before the slice holding them is read
+    # (H100, appending steps: 1x32/8x32768x128 -0.3 us, one split -0.1 to -0.55), except by split
+    # programs whose masked slice costs little (the bias tile: 8x32/4x8192x64 +0.06, NOTES.md
+    # twenty-third round), and not under a causal diagonal, which would then lie inside the cache
+    # read (the pool-order visit needs every page but a slice's last one unmasked)
+    write_first = (DECODE_WRITE_FIRST and append and paged and cfg["TABLE_AHEAD"] and not causal
+                   and (direct or not bias_mask))
+    if write_first:
+        block_t = next_power_of_2(new_k.shape[2])  # stored only, never a dot operand
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
     # the kernel before hides behind it (the interpreter runs that work too, to test it)
@@ -766,7 +803,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         SORT_PAGES=sort_pages,
         EARLY_PREFETCH=early_prefetch,
         GUESS_NEXT=guess_next,
-        BIAS_MASK=DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal,
+        BIAS_MASK=bias_mask,
+        WRITE_FIRST=write_first,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
@@ -787,7 +825,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
         BLOCK_T=max(2, next_power_of_2(new_k.shape[2])),
         CAUSAL=causal,
-        APPEND=append,
+        APPEND=append and not write_first,
         PAGED=paged,
         PDL=pdl,
         num_warps=4 if cfg["BLOCK_D"] * num_splits >= 4096 else 1,

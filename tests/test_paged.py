@@ -131,19 +131,49 @@ def test_paged_nan_garbage_in_partial_pages_does_not_leak(s_q):
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
 
 
+@pytest.fixture
+def split_launches(monkeypatch):
+    """The keyword arguments of every decode split-kernel launch while the test runs."""
+    from flashkv_ops.kernels import decode
+
+    launches = []
+    real = decode._decode_split_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", Recorder())
+    return launches
+
+
+@pytest.mark.parametrize("write_first", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("s_q", [1, 2])
-def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, num_splits, dtype, s_q):
+@pytest.mark.parametrize("s_q,causal", [(1, True), (2, True), (2, False)])
+def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_launches, write_first, num_splits,
+                                                             dtype, s_q, causal):
     # One split: stage 1 attends to the new tokens and writes them into the pool itself (no
-    # merge launch); several: the merge kernel does. Forced here as a GPU would pick them.
+    # merge launch); several: the merge kernel does. Forced here as a GPU would pick them. Or
+    # (write_first; 16-bit pools read a block ahead, no causal diagonal) the program whose slice
+    # holds the new tokens writes them first and reads them back with its slice. The bias tile is
+    # off so that split programs take that path too; NaN fills every unwritten slot.
     from flashkv_ops.kernels import decode
 
     real = decode._config
     monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), NUM_SPLITS=num_splits))
-    case = dict(BASE, batch=3, s_q=s_q, lens=[0, 15, 100], page_size=16, dtype=dtype,
+    monkeypatch.setattr(decode, "DECODE_WRITE_FIRST", write_first)
+    monkeypatch.setattr(decode, "DECODE_BIAS_MASK", not write_first)
+    case = dict(BASE, batch=3, s_q=s_q, causal=causal, lens=[0, 15, 100], page_size=16, dtype=dtype,
                 garbage="nan", seed=num_splits * 10 + s_q)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
+        want = write_first and dtype != torch.float32 and not (causal and s_q > 1)
+        paged = [kw for kw in split_launches if kw["PAGED"]]
+        assert paged and all(kw["WRITE_FIRST"] == want for kw in paged), [kw["WRITE_FIRST"] for kw in paged]
 
 
 @pytest.mark.parametrize("page_size", [4, 8, 16])
@@ -174,29 +204,19 @@ def test_paged_decode_visits_whole_pages_in_pool_order(monkeypatch, page_size, s
     (1, False, [128, 126, 119, 60]),
     (2, True, [126, 121, 117, 33]),
 ])
-def test_paged_decode_second_block_entries_read_with_the_lengths(monkeypatch, page_size, s_q, with_new, lens):
+def test_paged_decode_second_block_entries_read_with_the_lengths(monkeypatch, split_launches, page_size, s_q, with_new,
+                                                                 lens):
     # 16-bit decode visiting pages in table order: each program reads the table entries of its
     # slice's first two blocks (as a full sequence places the slice) next to the lengths, and its
     # cache loop takes them where the slice starts there, instead of reading the table again
     from flashkv_ops.kernels import decode
 
     monkeypatch.setattr(decode, "_sort_pages", lambda *args: 0)
-    launches = []
-    real = decode._decode_split_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(decode, "_decode_split_kernel", Recorder())
     case = dict(BASE, batch=len(lens), s_q=s_q, lens=lens, page_size=page_size, dtype=torch.float16,
                 with_new=with_new, extra_pages=3, extra_columns=0, garbage="nan", seed=page_size + 5 * s_q)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
-        paged = [kw for kw in launches if kw["PAGED"]]
+        paged = [kw for kw in split_launches if kw["PAGED"]]
         assert paged and all(kw["GUESS_NEXT"] for kw in paged), "the second block's entries were not guessed"
 
 
