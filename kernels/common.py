@@ -114,6 +114,15 @@ def l2_prefetch(ptrs):
 
 
 @triton.jit
+def async_proxy_fence(anchor):
+    """Order this thread's earlier global stores before later bulk (TMA) copies of the CTA, which
+    read through the async proxy (PTX ``fence.proxy.async.global``); a barrier must follow for other
+    threads' copies. ``anchor``: any scalar int32 (inline assembly needs an operand)."""
+    tl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,r", [anchor], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START: tl.constexpr,
               HAS_KEY_END: tl.constexpr):
     """Keys [key_start, key_end) of sequence ``b``: key_end = KeyEnd[b] + key_end_offset clamped to

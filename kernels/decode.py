@@ -11,10 +11,10 @@ pools each split is one slice of consecutive blocks.
 Appending this step's k/v (``attention_with_kv_cache(..., k, v)``) costs no launch of its own:
 stage 1 stops before the new slots, and stage 2 scores the new tokens from the inputs as one
 more "split" and writes them into the cache; with one split, stage 1 does both itself (its
-program is the only reader of that sequence and KV head). On paged pools read a block ahead
-(most of them; see ``write_first`` in `attention_decode`), the stage 1 program whose slice
-holds the new tokens writes them into the pool first, behind a barrier, and reads its slice to
-the end like any other. On Hopper both stages use
+program is the only reader of that sequence and KV head). Where it pays (``write_first`` in
+`attention_decode`: most paged pools, contiguous caches with one split and more programs than
+SMs), the stage 1 program whose slice holds the new tokens writes them into the cache first,
+behind a barrier, and reads its slice to the end like any other. On Hopper both stages use
 programmatic dependent launch: each starts while the kernel before it drains and waits
 (``gdc_wait``) before reading; stage 1 lets the next kernel launch once it has waited, stage 2
 at once (nothing it launches reads before waiting for it to end).
@@ -46,6 +46,7 @@ import triton.language as tl
 from .attention_fwd import LOG2_E
 from .cache_append import load_new_tokens, new_row_offsets, store_new_rows
 from .common import (
+    async_proxy_fence,
     device_capability,
     dot_precision,
     interpreting,
@@ -316,6 +317,8 @@ def _decode_split_kernel(
         if tl.max(mine.to(tl.int32), 0) > 0:
             store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM,
                            BLOCK_D)
+            if TMA:
+                async_proxy_fence(split)  # the loop's bulk copies read through the async proxy
             if SORT_PAGES == 0:  # (else the barrier after the visiting order's store serves)
                 tl.debug_barrier()
     elif APPEND:
@@ -631,9 +634,10 @@ DECODE_EARLY_PREFETCH = True
 # from, not by a select after it (H100, 8x32/4x8192x64 appending step 26.5 -> 26.3 us; 0.6-0.9 us
 # slower at D=128, NOTES.md twenty-first round)
 DECODE_BIAS_MASK = True
-# Paged 16-bit pools read a block ahead, appending: the program whose slice holds this step's tokens
-# writes them into the pool before reading it, and reads the slice to its end (the merge kernel,
-# or with one split the program itself, then neither scores nor writes them separately)
+# Appending (paged 16-bit pools read a block ahead; contiguous caches with one split and more
+# programs than SMs): the program whose slice holds this step's tokens writes them into the cache
+# before reading it, and reads the slice to its end (the merge kernel, or with one split the
+# program itself, then neither scores nor writes them separately)
 DECODE_WRITE_FIRST = True
 
 
@@ -731,19 +735,24 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # tl.dot operand (at least 16 rows)
     block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
     bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
-    # Paged pools read a block ahead: the new tokens written before the slice holding them is read
-    # (H100, appending steps: 1x32/8x32768x128 -0.3 us, one split -0.1 to -0.55), except by split
-    # programs whose masked slice costs little (the bias tile: 8x32/4x8192x64 +0.06, NOTES.md
-    # twenty-third round), and not under a causal diagonal, which would then lie inside the cache
-    # read (the pool-order visit needs every page but a slice's last one unmasked)
-    write_first = (DECODE_WRITE_FIRST and append and paged and cfg["TABLE_AHEAD"] and not causal
-                   and (direct or not bias_mask))
+    interleaved = DECODE_INTERLEAVED and not paged and not direct
+    fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
+    # The new tokens written before the slice holding them is read (one split, or the slices of
+    # paged pools; not under a causal diagonal, which would then lie inside the cache read, where
+    # the pool-order visit needs every page but a slice's last one unmasked). It delays the
+    # writing program's first loads by the store's table read and a barrier, which pays where the
+    # other path costs more: on paged pools read a block ahead, except for split programs whose
+    # masked slice costs little (the bias tile); on contiguous caches with one split, where other
+    # programs on the same SM stream meanwhile (more programs than SMs). H100 appending steps:
+    # 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to -1.1, contiguous -1.1 to -1.5;
+    # 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17 (NOTES.md twenty-third round).
+    write_first = DECODE_WRITE_FIRST and append and not causal and (
+        (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask))
+        or (not paged and direct and not fits_sms))
     if write_first:
         block_t = next_power_of_2(new_k.shape[2])  # stored only, never a dot operand
-    interleaved = DECODE_INTERLEAVED and not paged and not direct
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
     # the kernel before hides behind it (the interpreter runs that work too, to test it)
-    fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
     early_wave = pdl and fits_sms  # and launched early
     early = paged and cfg["TABLE_AHEAD"] and (interpret or early_wave)
     # programs that take a whole SM start as the ones before them end: each asks the L2 for its

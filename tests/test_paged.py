@@ -158,9 +158,10 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_
                                                              dtype, s_q, causal):
     # One split: stage 1 attends to the new tokens and writes them into the pool itself (no
     # merge launch); several: the merge kernel does. Forced here as a GPU would pick them. Or
-    # (write_first; 16-bit pools read a block ahead, no causal diagonal) the program whose slice
-    # holds the new tokens writes them first and reads them back with its slice. The bias tile is
-    # off so that split programs take that path too; NaN fills every unwritten slot.
+    # (write_first, no causal diagonal: 16-bit pools read a block ahead; the contiguous cache with
+    # one split, the interpreter counting one SM) the program whose slice holds the new tokens
+    # writes them first and reads them back with its slice. The bias tile is off so that split
+    # programs take that path too; NaN fills every unwritten slot.
     from flashkv_ops.kernels import decode
 
     real = decode._config
@@ -171,9 +172,11 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_
                 garbage="nan", seed=num_splits * 10 + s_q)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
-        want = write_first and dtype != torch.float32 and not (causal and s_q > 1)
-        paged = [kw for kw in split_launches if kw["PAGED"]]
-        assert paged and all(kw["WRITE_FIRST"] == want for kw in paged), [kw["WRITE_FIRST"] for kw in paged]
+        can = write_first and not (causal and s_q > 1)
+        want = {True: can and dtype != torch.float32, False: can and num_splits == 1}
+        assert {kw["PAGED"] for kw in split_launches} == {True, False}
+        assert all(kw["WRITE_FIRST"] == want[kw["PAGED"]] for kw in split_launches), \
+            [(kw["PAGED"], kw["WRITE_FIRST"]) for kw in split_launches]
 
 
 @pytest.mark.parametrize("page_size", [4, 8, 16])
