@@ -740,11 +740,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # The new tokens written before the slice holding them is read (one split, or the slices of
     # paged pools; not under a causal diagonal, which would then lie inside the cache read, where
     # the pool-order visit needs every page but a slice's last one unmasked). It delays the
-    # writing program's first loads by the store's table read and a barrier, which pays where the
-    # other path costs more: on paged pools read a block ahead, except for split programs whose
-    # masked slice costs little (the bias tile); on contiguous caches with one split, where other
-    # programs on the same SM stream meanwhile (more programs than SMs). H100 appending steps:
-    # 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to -1.1, contiguous -1.1 to -1.5;
+    # writing program's first loads by the store (after the slot's table read, paged) and a
+    # barrier, which pays where the other path costs more: on paged pools read a block ahead,
+    # except for split programs whose masked slice costs little (the bias tile); on contiguous
+    # caches with one split, where other programs on the same SM stream meanwhile (more programs
+    # than SMs). H100 appending steps:
+    # 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to -0.55, contiguous -1.1 to -1.5;
     # 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17 (NOTES.md twenty-third round).
     write_first = DECODE_WRITE_FIRST and append and not causal and (
         (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask))
