@@ -731,9 +731,6 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     dummy = key_end if key_end is not None else q  # never read when its flag is off
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     new_k, new_v = (k_new, v_new) if append else (k, v)
-    # the split kernel's own new tokens (one split): one key folds in elementwise, several form a
-    # tl.dot operand (at least 16 rows)
-    block_t = 1 if append and new_k.shape[2] == 1 else max(16, next_power_of_2(new_k.shape[2]))
     bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
@@ -744,14 +741,17 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # barrier, which pays where the other path costs more: on paged pools read a block ahead,
     # except for split programs whose masked slice costs little (the bias tile); on contiguous
     # caches with one split, where other programs on the same SM stream meanwhile (more programs
-    # than SMs). H100 appending steps:
-    # 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to -0.55, contiguous -1.1 to -1.5;
-    # 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17 (NOTES.md twenty-third round).
+    # than SMs). H100 appending steps: 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to
+    # -0.55, contiguous -1.1 to -1.5; 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17
+    # (NOTES.md twenty-third round).
     write_first = DECODE_WRITE_FIRST and append and not causal and (
         (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask))
         or (not paged and direct and not fits_sms))
-    if write_first:
-        block_t = next_power_of_2(new_k.shape[2])  # stored only, never a dot operand
+    # the split kernel's own new tokens: written first (stored only), or with one split one key
+    # folding in elementwise, several forming a tl.dot operand (at least 16 rows)
+    seqlen_new = new_k.shape[2]
+    block_t = (next_power_of_2(seqlen_new) if write_first
+               else 1 if append and seqlen_new == 1 else max(16, next_power_of_2(seqlen_new)))
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
     # the kernel before hides behind it (the interpreter runs that work too, to test it)
     early_wave = pdl and fits_sms  # and launched early
@@ -779,7 +779,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         dummy,
         block_table if paged else dummy,
         new_k, new_v, visit_table,
-        num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, new_k.shape[2], key_capacity, key_end_offset,
+        num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, seqlen_new, key_capacity, key_end_offset,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -822,7 +822,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         return
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
         partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
-        num_q_heads, num_q_heads // num_kv_heads, seqlen_q, num_splits, new_k.shape[2], key_capacity,
+        num_q_heads, num_q_heads // num_kv_heads, seqlen_q, num_splits, seqlen_new, key_capacity,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
         out.stride(0), out.stride(1), out.stride(2),
         q.stride(0), q.stride(1), q.stride(2),
@@ -833,7 +833,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         stride_bt_b,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"],
         BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
-        BLOCK_T=max(2, next_power_of_2(new_k.shape[2])),
+        BLOCK_T=max(2, next_power_of_2(seqlen_new)),
         CAUSAL=causal,
         APPEND=append and not write_first,
         PAGED=paged,
