@@ -190,6 +190,12 @@ def online_softmax_blocks(
     guessed_next=0,  # GUESS_NEXT: the entries of keys [guess_lo + BLOCK_N, guess_lo + 2 * BLOCK_N), read
     GUESS_NEXT: tl.constexpr = False,  # with guessed_pages; the first iteration takes them (stride_blocks 1)
     BIAS_MASK: tl.constexpr = False,  # MASKED: hidden scores come from a 0 / -inf tile the dot starts from
+    new_lo=0,  # NEW_ROWS: keys from new_lo on are this step's new tokens, read from the inputs: key
+    k_new_row=0,  # new_lo + t from k_new_row + t * stride_kn_s (v_new_row likewise), not from the pool
+    v_new_row=0,
+    stride_kn_s=0,
+    stride_vn_s=0,
+    NEW_ROWS: tl.constexpr = False,
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -210,6 +216,10 @@ def online_softmax_blocks(
     instead of a select after the dot; the loads stay masked (slots past a length may hold NaN).
     Paged pools at D=64 run a slice with a partial last block masked throughout: 0.26-0.30 us
     over full length at 67 MB with the select, 0.06-0.11 this way (NOTES.md twenty-first round).
+
+    NEW_ROWS (paged, TABLE_AHEAD): keys from ``new_lo`` on are gathered from this step's new
+    tokens (rows of ``k_new_row`` / ``v_new_row``) instead of the pool, so a decode step can read
+    them before they are stored.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -247,8 +257,18 @@ def online_softmax_blocks(
             rows_mask = d_ok[None, :]
             if MASKED:
                 rows_mask = want[:, None] & d_ok[None, :]
-            k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0).T
-            v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0)
+            if NEW_ROWS:
+                # this step's tokens come from the inputs (the caller writes their slots after
+                # its loop): one pointer select per key
+                new_t = tl.maximum(offs_n - new_lo, 0)
+                is_new = offs_n >= new_lo
+                k_ptrs = tl.where(is_new, k_new_row + new_t * stride_kn_s, K + k_rows)
+                v_ptrs = tl.where(is_new, v_new_row + new_t * stride_vn_s, V + v_rows)
+                k = tl.load(k_ptrs[:, None] + offs_d[None, :], mask=rows_mask, other=0.0).T
+                v = tl.load(v_ptrs[:, None] + offs_d[None, :], mask=rows_mask, other=0.0)
+            else:
+                k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0).T
+                v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=rows_mask, other=0.0)
         elif TMA:
             # Hopper bulk copies; rows past S (and, SHIFT_TAIL, before 0) come back as zeros
             load_n = start_n

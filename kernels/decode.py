@@ -14,8 +14,10 @@ more "split" and writes them into the cache; with one split, stage 1 does both i
 program is the only reader of that sequence and KV head). Where it pays (``write_first`` in
 `attention_decode`: most paged pools, contiguous caches with one split and more programs than
 SMs), the stage 1 program whose slice holds the new tokens writes them into the cache first,
-behind a barrier, and reads its slice to the end like any other. On Hopper both stages use
-programmatic dependent launch: each starts while the kernel before it drains and waits
+behind a barrier, and reads its slice to the end like any other; one wave of lone programs on
+a paged pool at D <= 64 instead gathers the new tokens from the inputs in its loop
+(``new_rows``) and stores them after it. On Hopper both stages use programmatic dependent
+launch: each starts while the kernel before it drains and waits
 (``gdc_wait``) before reading; stage 1 lets the next kernel launch once it has waited, stage 2
 at once (nothing it launches reads before waiting for it to end).
 
@@ -168,6 +170,7 @@ def _decode_split_kernel(
     GUESS_NEXT: tl.constexpr,
     BIAS_MASK: tl.constexpr,
     WRITE_FIRST: tl.constexpr,
+    NEW_ROWS: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -277,6 +280,7 @@ def _decode_split_kernel(
             stride_kn_b, stride_kn_h, stride_kn_s, stride_vn_b, stride_vn_h, stride_vn_s, HEAD_DIM, BLOCK_D)
     if APPEND and DIRECT and not WRITE_FIRST:
         # and where they go (paged: a table read), so the store at the end waits on no load
+        # (NEW_ROWS: the loop gathers them from the inputs; they are only stored at the end)
         new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
             bt_row, pos_t, stored, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
             max_pages_per_seq, PAGED)
@@ -321,6 +325,12 @@ def _decode_split_kernel(
                 async_proxy_fence(split)  # the loop's bulk copies read through the async proxy
             if SORT_PAGES == 0:  # (else the barrier after the visiting order's store serves)
                 tl.debug_barrier()
+    elif APPEND and NEW_ROWS:
+        # One split on a paged pool: the sequence is read to its end, this step's tokens gathered
+        # from the inputs (the loop picks their rows there by position), so nothing waits on
+        # their store, which comes after the loop.
+        tl.static_assert(DIRECT and PAGED and TABLE_AHEAD, "new rows are gathered by a lone paged program")
+        new_lo = tl.load(KeyEnd + b)
     elif APPEND:
         # Fused append: cache slots from cache_seqlens[b] on are this step's new tokens, which
         # the merge kernel writes and attends to; here the slices stop before the first one
@@ -340,7 +350,7 @@ def _decode_split_kernel(
     # loop, where its layout conversions overlap the first gathers (16x8/8x2048x64 append: 26.03 ->
     # 25.75 us on the H100); after the loop, bulk copies keep it out of their pipeline's start
     # (24.38 against 24.65-24.72 before it, NOTES.md sixteenth round)
-    FOLD_FIRST: tl.constexpr = APPEND and DIRECT and BLOCK_T == 1 and PAGED and not WRITE_FIRST
+    FOLD_FIRST: tl.constexpr = APPEND and DIRECT and BLOCK_T == 1 and PAGED and not WRITE_FIRST and not NEW_ROWS
     if FOLD_FIRST:
         acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale)
     # Each loop below costs its software pipeline's fill and drain (H100: 0.2-0.3 us on 67 MB
@@ -368,6 +378,9 @@ def _decode_split_kernel(
         # earlier launch can still read it.
         stale = tl.max((now_entries != seen_entries).to(tl.int32), 0)
         sorted_ok = (stale == 0) & (lo == guess_lo) & (cache_hi > lo + cap_chunk - page_size)
+        if APPEND and NEW_ROWS:
+            # new tokens are picked by position, which the visiting order keeps on the last page only
+            sorted_ok = sorted_ok & (new_lo >= lo + cap_chunk - page_size)
         visit_row = VisitTable + (pid * num_splits + split).to(tl.int64) * SORT_PAGES
         tl.store(visit_row + tl.arange(0, SORT_PAGES), visit_entries, mask=tl.where(sorted_ok, slot_in, False))
         tl.debug_barrier()  # the loop's threads read entries other threads wrote
@@ -393,8 +406,11 @@ def _decode_split_kernel(
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
                 TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks, guessed_next,
-                USE_GUESS and GUESS_NEXT, BIAS_MASK)
-    if APPEND and DIRECT and not WRITE_FIRST:
+                USE_GUESS and GUESS_NEXT, BIAS_MASK, new_lo if APPEND and NEW_ROWS else 0,
+                KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h,
+                VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h,
+                stride_kn_s, stride_vn_s, APPEND and NEW_ROWS)
+    if APPEND and DIRECT and not WRITE_FIRST and not NEW_ROWS:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens (one token on a paged pool: before the loop, above) and
         # writes them into the cache after its own reads, as the merge kernel does when there are
@@ -409,6 +425,7 @@ def _decode_split_kernel(
                 visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
                                                 DOT_PRECISION)
+    if APPEND and DIRECT and not WRITE_FIRST:
         store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM, BLOCK_D)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -532,19 +549,26 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split_count(programs: int, sm_count: int) -> int:
+def _split_count(programs: int, sm_count: int, past_one_wave: bool = False) -> int:
     """Splits of each (sequence, KV head) so the grid fills the SMs about once.
 
     One program per SM streaming with deep pipelining beat two or three (H100 sweeps, NOTES.md):
     no merge pass when ``programs`` already fills the GPU, and otherwise the fewest splits whose
-    programs use >= 90% of a whole number of SM waves.
+    programs use >= 90% of a whole number of SM waves. ``past_one_wave``: grids of ``programs`` >=
+    ``sm_count`` that leave many SMs with one program fewer than the others (< 88% of whole waves
+    of SM-sized groups, such as 136 or 288 programs on 132 SMs) get the split count of 1-3 that
+    evens them out best (16-bit caches at 67-400 MB on the H100: 70-88% -> 85-95% of 3.0 TB/s,
+    NOTES.md twenty-fifth round).
     """
-    if programs >= sm_count:
-        return 1
 
     def use(splits: int) -> float:
         total = programs * splits
         return total / (sm_count * triton.cdiv(total, sm_count))
+
+    if programs >= sm_count:
+        if not past_one_wave or use(1) >= 0.88:
+            return 1
+        return max((1, 2, 3), key=lambda s: (use(s), -s))
 
     choices = range(max(1, sm_count // programs), triton.cdiv(2 * sm_count, programs) + 1)
     return next((s for s in choices if use(s) >= 0.9), max(choices, key=lambda s: (use(s), -s)))
@@ -553,10 +577,12 @@ def _split_count(programs: int, sm_count: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
             dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool, early_launch: bool = False,
-            smem_per_sm: int = 228 * 1024) -> dict:
+            smem_per_sm: int = 228 * 1024, balance_waves: bool = True) -> dict:
     """Tile sizes and the split count, from static information only (never from lengths).
     ``early_launch``: the split kernel launches before the kernel ahead of it ends (programmatic
-    dependent launch); ``smem_per_sm``: shared memory bytes per SM."""
+    dependent launch); ``smem_per_sm``: shared memory bytes per SM; ``balance_waves``: grids of
+    more programs than SMs chosen to spread evenly over them (`_split_count`, and the D <= 64
+    paged tile below)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
@@ -572,7 +598,8 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     wide = dtype == torch.float32 or block_d > 128  # 4-byte elements or long rows: small blocks
     # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
     # contiguous caches but 9% slower on ragged ones, whose last long sequences stream alone)
-    num_splits = _split_count(programs, sm_count)
+    # (contiguous caches read by pointer loads, D not a power of two, measured faster unsplit)
+    num_splits = _split_count(programs, sm_count, balance_waves and not wide and (paged or block_d == head_dim))
     stages = 2 if wide else 3
     block_n = 32 if wide else 128 if block_d <= 64 else 64
     if table_ahead:
@@ -581,6 +608,14 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         stages = 3
         if not wide:
             block_n = 128
+        if balance_waves and not wide and block_d <= 64 and sm_count < programs <= 2 * sm_count:
+            # D <= 64 between one and two waves of programs: no splits (the merge costs more than
+            # the uneven waves up to 1.5 programs per SM), and from 1.5 on 64-key blocks with four
+            # stages (H100, 56-64x32/4x2048x64 and 28-32x32/8x2048x64: 75-81% -> 89-91% of
+            # 3.0 TB/s, NOTES.md twenty-fifth round)
+            num_splits = 1
+            if 2 * programs > 3 * sm_count:
+                block_n, stages = 64, 4
     elif paged:
         # float32 pools: synchronous gathers, ~3 programs per SM to keep loads in flight (2-5% faster
         # than the table read ahead there)
@@ -639,6 +674,13 @@ DECODE_BIAS_MASK = True
 # before reading it, and reads the slice to its end (the merge kernel, or with one split the
 # program itself, then neither scores nor writes them separately)
 DECODE_WRITE_FIRST = True
+# Appending with one wave of one-split programs on paged 16-bit pools read a block ahead, at
+# D <= 64: each program gathers this step's tokens from the inputs, not from their slots, reads
+# the sequence to its end, and stores them after its loop (no store and barrier before the loop,
+# as writing first needs)
+DECODE_NEW_ROWS = True
+# More programs than SMs: split counts and (D <= 64 paged pools) tiles that spread them evenly
+DECODE_BALANCED_WAVES = True
 
 
 def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:
@@ -717,7 +759,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     early_hint = DECODE_EARLY_PREFETCH and pdl and l2_hints and key_capacity > 0 and num_pages > 0
     smem = _smem_per_sm(q.device.index or 0) if early_hint else 0
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
-                  head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem)
+                  head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem, DECODE_BALANCED_WAVES)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
@@ -744,13 +786,21 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # than SMs). H100 appending steps: 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to
     # -0.55, contiguous -1.1 to -1.5; 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17
     # (NOTES.md twenty-third round).
-    write_first = DECODE_WRITE_FIRST and append and not causal and (
+    # One wave of lone programs at D <= 64 on paged pools read a block ahead, causal or not: each
+    # gathers the new tokens from the inputs by position and stores them after its loop, with no
+    # store and barrier ahead of its first loads (H100 appending steps against writing first:
+    # 16x8/8x2048x64 25.22-25.44 -> 25.04-25.21 us, the cost of full length; at D=128, with
+    # splits and past one wave it lost 0.25-3.2, NOTES.md twenty-fifth round). The interpreter
+    # (one SM) tests it past one wave too.
+    new_rows = (DECODE_NEW_ROWS and append and paged and cfg["TABLE_AHEAD"] and direct
+                and (fits_sms or interpret) and cfg["BLOCK_D"] <= 64)
+    write_first = DECODE_WRITE_FIRST and append and not causal and not new_rows and (
         (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask))
         or (not paged and direct and not fits_sms))
     # the split kernel's own new tokens: written first (stored only), or with one split one key
     # folding in elementwise, several forming a tl.dot operand (at least 16 rows)
     seqlen_new = new_k.shape[2]
-    block_t = (next_power_of_2(seqlen_new) if write_first
+    block_t = (next_power_of_2(seqlen_new) if write_first or new_rows
                else 1 if append and seqlen_new == 1 else max(16, next_power_of_2(seqlen_new)))
     # paged pools read a block ahead, one wave of programs launched early: work before the wait on
     # the kernel before hides behind it (the interpreter runs that work too, to test it)
@@ -763,8 +813,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
     # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
     sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
-    sort_pages = _sort_pages(sort_early, key_start is not None, causal and not append, key_capacity, num_splits,
-                             cfg["BLOCK_N"], page_size, num_pages)
+    sort_pages = _sort_pages(sort_early, key_start is not None, causal and (new_rows or not append), key_capacity,
+                             num_splits, cfg["BLOCK_N"], page_size, num_pages)
     # one wave of whole-SM split programs reading the pool in table order: the second block's table
     # entries read next to the lengths as well (with the pool-order sort, from the sorted row, it
     # measured level to 0.1 us slower at D=128; one split per sequence, 16x8/8x2048x64 on random
@@ -815,6 +865,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         GUESS_NEXT=guess_next,
         BIAS_MASK=bias_mask,
         WRITE_FIRST=write_first,
+        NEW_ROWS=new_rows,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

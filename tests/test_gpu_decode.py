@@ -168,6 +168,43 @@ def test_gpu_paged_partial_blocks_with_nan_past_the_lengths(head_dim, shape, s_q
                         what=f"lens {lens_list}")
 
 
+@pytest.mark.parametrize("shape", [(17, 32, 8, 128), (32, 32, 8, 64), (36, 32, 8, 64)])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("s_q", [1, 4])
+def test_gpu_decode_grids_past_one_wave(shape, paged, s_q):
+    # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 and 288 of them get
+    # three splits, 256 at D=64 on a pool 64-key blocks and four stages, and one split at D=64 on a
+    # pool gathers its new tokens from the inputs. Uneven lengths (full, empty, mid-block), this
+    # step's tokens appended, NaN in every slot no sequence holds.
+    b, hq, hkv, d = shape
+    s_max, dt = 2048, torch.bfloat16 if s_q > 1 else torch.float16
+    g = torch.Generator().manual_seed(b + d + s_q)
+    lens_list = torch.randint(1, s_max - s_q, (b,), generator=g).tolist()
+    lens_list[:3] = [s_max - s_q, 0, 1000]
+    k_cache = randn((b, hkv, s_max, d), dt, generator=g)
+    v_cache = randn((b, hkv, s_max, d), dt, generator=g)
+    table = None
+    if paged:
+        k_cache, v_cache, table = build_paged(k_cache, v_cache, lens_list, s_q, 16, g, extra_pages=3,
+                                              garbage="nan")
+        table = table.to(DEVICE)
+    else:
+        for i, n in enumerate(lens_list):
+            k_cache[i, :, n:] = float("nan")
+            v_cache[i, :, n:] = float("nan")
+    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    q = randn((b, hq, s_q, d), dt, DEVICE, generator=g)
+    k = randn((b, hkv, s_q, d), dt, DEVICE, generator=g)
+    v = randn((b, hkv, s_q, d), dt, DEVICE, generator=g)
+    lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
+    want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k, v, block_table=table)
+    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v, block_table=table)
+    assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
+    total = [n + s_q for n in lens_list]
+    assert_close_to_ref(out, want, _lowp_kv_ref(q, want_k, want_v, total, True, table),
+                        what=f"{shape} paged={paged} lens {lens_list[:6]}")
+
+
 @st.composite
 def gpu_paged_cases(draw):
     hq, hkv = draw(st.sampled_from([(32, 8), (28, 4), (8, 1)]))

@@ -207,6 +207,29 @@ def test_split_count_fills_the_sms_about_once():
             assert 132 // programs <= splits and programs * splits <= 2 * 132 + programs, programs
 
 
+def test_split_count_evens_out_grids_past_one_wave():
+    from flashkv_ops.kernels.decode import _split_count
+
+    def use(programs, splits):  # share of whole waves of 132 programs the grid fills
+        total = programs * splits
+        return total / (132 * -(-total // 132))
+
+    # 8 KV heads, batch 17, 20, 24, 25, 28, 32, 36, 40, 44, 64: grids that leave many SMs a program
+    # short get 2-3 splits; those that fill >= 88% of their last wave keep one
+    programs = (136, 160, 192, 200, 224, 256, 288, 320, 352, 512)
+    assert [_split_count(p, 132, True) for p in programs] == [3, 3, 2, 3, 1, 1, 3, 2, 1, 1]
+    for programs in range(132, 1200):
+        splits = _split_count(programs, 132, True)
+        assert 1 <= splits <= 3
+        if use(programs, 1) >= 0.88:
+            assert splits == 1, programs
+        else:  # the best-filled of 1-3 splits, the fewest on a tie
+            best = max(use(programs, s) for s in (1, 2, 3))
+            assert use(programs, splits) == best and all(use(programs, s) < best for s in range(1, splits))
+        # below one wave the rule is the same either way
+    assert all(_split_count(p, 132, True) == _split_count(p, 132) for p in range(1, 132))
+
+
 
 def test_decode_tile_choices_from_static_shapes():
     import torch as _torch
@@ -251,6 +274,23 @@ def test_decode_tile_choices_from_static_shapes():
     assert _config(1, 8, 4, 384, 128, _torch.float16, False, 132, False, *early)["BLOCK_N"] == 64
     assert _config(4, 1, 8, 4096, 256, _torch.float16, True, 132, False, *early)["BLOCK_N"] == 32
     assert _config(1, 8, 4, 32768, 128, _torch.float32, True, 132, False, *early) == fp32
+    # past one wave of programs (H100, 132 SMs): split counts that even the grid out (17 x 8 KV
+    # heads = 136 programs: three splits), except for D <= 64 pools read a block ahead up to two
+    # waves, which keep one split, and past 1.5 waves take 64-key blocks and four stages; caches
+    # read by pointer loads at a head_dim that is not a power of two keep one split
+    assert _config(17, 8, 4, 2048, 128, _torch.float16, False, 132, False)["NUM_SPLITS"] == 3
+    assert _config(17, 8, 4, 2048, 128, _torch.float16, True, 132, False)["NUM_SPLITS"] == 3
+    assert _config(17, 8, 4, 2048, 128, _torch.float16, True, 132, False, balance_waves=False)["NUM_SPLITS"] == 1
+    assert _config(36, 8, 4, 2048, 64, _torch.float16, False, 132, False)["NUM_SPLITS"] == 3
+    narrow = _config(17, 8, 4, 2048, 64, _torch.float16, True, 132, False)
+    assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (1, 128, 3)
+    narrow = _config(32, 8, 4, 2048, 64, _torch.bfloat16, True, 132, False)
+    assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (1, 64, 4)
+    narrow = _config(36, 8, 4, 2048, 64, _torch.float16, True, 132, False)
+    assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (3, 128, 3)
+    assert _config(5, 32, 1, 4096, 96, _torch.float16, False, 132, False)["NUM_SPLITS"] == 1
+    assert _config(5, 32, 1, 4096, 96, _torch.float16, True, 132, False)["NUM_SPLITS"] == 3
+    assert _config(17, 8, 4, 2048, 128, _torch.float32, False, 132, False)["NUM_SPLITS"] == 1
     # the interpreter takes the same path choice
     assert _config(2, 2, 1, 64, 16, _torch.float16, True, 1, True)["TABLE_AHEAD"]
     assert not _config(2, 2, 1, 64, 16, _torch.float32, True, 1, True)["TABLE_AHEAD"]

@@ -150,33 +150,39 @@ def split_launches(monkeypatch):
     return launches
 
 
-@pytest.mark.parametrize("write_first", [False, True])
+@pytest.mark.parametrize("path", ["scored", "write_first", "new_rows"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("s_q,causal", [(1, True), (2, True), (2, False)])
-def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_launches, write_first, num_splits,
-                                                             dtype, s_q, causal):
-    # One split: stage 1 attends to the new tokens and writes them into the pool itself (no
-    # merge launch); several: the merge kernel does. Forced here as a GPU would pick them. Or
-    # (write_first, no causal diagonal: 16-bit pools read a block ahead; the contiguous cache with
-    # one split, the interpreter counting one SM) the program whose slice holds the new tokens
-    # writes them first and reads them back with its slice. The bias tile is off so that split
-    # programs take that path too; NaN fills every unwritten slot.
+def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_launches, path, num_splits, dtype,
+                                                             s_q, causal):
+    # How an appending step attends to and stores its new tokens, forced as a GPU would pick it
+    # ("scored"): with one split stage 1 attends to them and writes them into the pool itself
+    # (no merge launch); with several the merge kernel does. "write_first" (no causal diagonal:
+    # 16-bit pools read a block ahead; the contiguous cache with one split, the interpreter
+    # counting one SM): the program whose slice holds the new tokens writes them first and reads
+    # them back with its slice. "new_rows" (one split, 16-bit pools read a block ahead, causal or
+    # not; elsewhere as "write_first"): the program gathers them from the inputs by position and
+    # stores them after its loop. The bias tile is off outside "scored", so that split programs
+    # write first too; NaN fills every unwritten slot.
     from flashkv_ops.kernels import decode
 
     real = decode._config
     monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), NUM_SPLITS=num_splits))
-    monkeypatch.setattr(decode, "DECODE_WRITE_FIRST", write_first)
-    monkeypatch.setattr(decode, "DECODE_BIAS_MASK", not write_first)
+    monkeypatch.setattr(decode, "DECODE_WRITE_FIRST", path != "scored")
+    monkeypatch.setattr(decode, "DECODE_NEW_ROWS", path == "new_rows")
+    monkeypatch.setattr(decode, "DECODE_BIAS_MASK", path == "scored")
     case = dict(BASE, batch=3, s_q=s_q, causal=causal, lens=[0, 15, 100], page_size=16, dtype=dtype,
                 garbage="nan", seed=num_splits * 10 + s_q)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
-        can = write_first and not (causal and s_q > 1)
-        want = {True: can and dtype != torch.float32, False: can and num_splits == 1}
+        new_rows = path == "new_rows" and dtype != torch.float32 and num_splits == 1
+        can = path != "scored" and not (causal and s_q > 1)
+        want = {True: (can and dtype != torch.float32 and not new_rows, new_rows),
+                False: (can and num_splits == 1, False)}
         assert {kw["PAGED"] for kw in split_launches} == {True, False}
-        assert all(kw["WRITE_FIRST"] == want[kw["PAGED"]] for kw in split_launches), \
-            [(kw["PAGED"], kw["WRITE_FIRST"]) for kw in split_launches]
+        assert all((kw["WRITE_FIRST"], kw["NEW_ROWS"]) == want[kw["PAGED"]] for kw in split_launches), \
+            [(kw["PAGED"], kw["WRITE_FIRST"], kw["NEW_ROWS"]) for kw in split_launches]
 
 
 @pytest.mark.parametrize("page_size", [4, 8, 16])
