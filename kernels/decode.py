@@ -557,8 +557,8 @@ def _split_count(programs: int, sm_count: int, past_one_wave: bool = False) -> i
     programs use >= 90% of a whole number of SM waves. ``past_one_wave``: grids of ``programs`` >=
     ``sm_count`` that leave many SMs with one program fewer than the others (< 88% of whole waves
     of SM-sized groups, such as 136 or 288 programs on 132 SMs) get the split count of 1-3 that
-    evens them out best (16-bit caches at 67-400 MB on the H100: 70-88% -> 85-95% of 3.0 TB/s,
-    NOTES.md twenty-fifth round).
+    evens them out best (16-bit caches of 71-335 MB on the H100, 136-320 programs: 70-95% ->
+    85-97% of 3.0 TB/s, NOTES.md twenty-fifth round).
     """
 
     def use(splits: int) -> float:
@@ -611,7 +611,7 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         if balance_waves and not wide and block_d <= 64 and sm_count < programs <= 2 * sm_count:
             # D <= 64 between one and two waves of programs: no splits (the merge costs more than
             # the uneven waves up to 1.5 programs per SM), and from 1.5 on 64-key blocks with four
-            # stages (H100, 56-64x32/4x2048x64 and 28-32x32/8x2048x64: 75-81% -> 89-91% of
+            # stages (H100, 56-64x32/4x2048x64 and 28-32x32/8x2048x64: 75-81% -> 87-91% of
             # 3.0 TB/s, NOTES.md twenty-fifth round)
             num_splits = 1
             if 2 * programs > 3 * sm_count:
