@@ -557,7 +557,7 @@ def _split_count(programs: int, sm_count: int, past_one_wave: bool = False) -> i
     programs use >= 90% of a whole number of SM waves. ``past_one_wave``: grids of ``programs`` >=
     ``sm_count`` that leave many SMs with one program fewer than the others (< 88% of whole waves
     of SM-sized groups, such as 136 or 288 programs on 132 SMs) get the split count of 1-3 that
-    evens them out best (16-bit caches of 71-335 MB on the H100, 136-320 programs: 70-95% ->
+    evens them out best (16-bit caches of 84-336 MB on the H100, 136-320 programs: 70-95% ->
     85-97% of 3.0 TB/s, NOTES.md twenty-fifth round).
     """
 
