@@ -776,7 +776,15 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
-    # The new tokens written before the slice holding them is read (one split, or the slices of
+    # One wave of lone programs at D <= 64 on paged pools read a block ahead, causal or not: each
+    # gathers the new tokens from the inputs by position and stores them after its loop, with no
+    # store and barrier ahead of its first loads (H100 appending steps against writing first:
+    # 16x8/8x2048x64 25.22-25.44 -> 25.04-25.21 us, the cost of full length; at D=128, with
+    # splits and past one wave it lost 0.25-3.2, NOTES.md twenty-fifth round). The interpreter
+    # (one SM) tests it past one wave too.
+    new_rows = (DECODE_NEW_ROWS and append and paged and cfg["TABLE_AHEAD"] and direct
+                and (fits_sms or interpret) and cfg["BLOCK_D"] <= 64)
+    # Elsewhere, the new tokens written before the slice holding them is read (one split, or the slices of
     # paged pools; not under a causal diagonal, which would then lie inside the cache read, where
     # the pool-order visit needs every page but a slice's last one unmasked). It delays the
     # writing program's first loads by the store (after the slot's table read, paged) and a
@@ -786,19 +794,11 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # than SMs). H100 appending steps: 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to
     # -0.55, contiguous -1.1 to -1.5; 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17
     # (NOTES.md twenty-third round).
-    # One wave of lone programs at D <= 64 on paged pools read a block ahead, causal or not: each
-    # gathers the new tokens from the inputs by position and stores them after its loop, with no
-    # store and barrier ahead of its first loads (H100 appending steps against writing first:
-    # 16x8/8x2048x64 25.22-25.44 -> 25.04-25.21 us, the cost of full length; at D=128, with
-    # splits and past one wave it lost 0.25-3.2, NOTES.md twenty-fifth round). The interpreter
-    # (one SM) tests it past one wave too.
-    new_rows = (DECODE_NEW_ROWS and append and paged and cfg["TABLE_AHEAD"] and direct
-                and (fits_sms or interpret) and cfg["BLOCK_D"] <= 64)
     write_first = DECODE_WRITE_FIRST and append and not causal and not new_rows and (
         (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask))
         or (not paged and direct and not fits_sms))
-    # the split kernel's own new tokens: written first (stored only), or with one split one key
-    # folding in elementwise, several forming a tl.dot operand (at least 16 rows)
+    # the split kernel's own new tokens: written first or gathered by the loop (stored only), or
+    # with one split one key folding in elementwise, several forming a tl.dot operand (>= 16 rows)
     seqlen_new = new_k.shape[2]
     block_t = (next_power_of_2(seqlen_new) if write_first or new_rows
                else 1 if append and seqlen_new == 1 else max(16, next_power_of_2(seqlen_new)))
