@@ -171,6 +171,7 @@ def _decode_split_kernel(
     BIAS_MASK: tl.constexpr,
     WRITE_FIRST: tl.constexpr,
     NEW_ROWS: tl.constexpr,
+    SLOT_PAGES: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -315,9 +316,20 @@ def _decode_split_kernel(
         # the key start, which no program reads.
         tl.static_assert(not INTERLEAVED, "interleaved splits do not own one slice")
         mine = stored & (pos_t >= tl.where(split == 0, 0, lo)) & (pos_t < hi)
-        new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
-            bt_row, pos_t, mine, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
-            max_pages_per_seq, PAGED)
+        if SLOT_PAGES > 0:
+            # the sequence's whole table row, read next to the lengths (not after them), and the
+            # slots' pages picked out of it: the store waits on one load, not two in a row
+            slot_ids = tl.arange(0, SLOT_PAGES)
+            row_entries = tl.load(bt_row + slot_ids, mask=slot_ids < max_pages_per_seq, other=-1)
+            slot_pages = tl.sum(tl.where((pos_t // page_size)[:, None] == slot_ids[None, :], row_entries[None, :], 0), 1)
+            new_k_rows, new_in_pool = page_rows(slot_pages, pos_t, stride_k_b, stride_k_s, page_size, num_pages, True)
+            new_v_rows, _ = page_rows(slot_pages, pos_t, stride_v_b, stride_v_s, page_size, num_pages, True)
+            new_k_ok = mine & new_in_pool
+            new_v_ok = new_k_ok
+        else:
+            new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
+                bt_row, pos_t, mine, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
+                max_pages_per_seq, PAGED)
         if tl.max(mine.to(tl.int32), 0) > 0:
             store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM,
                            BLOCK_D)
@@ -679,6 +691,9 @@ DECODE_WRITE_FIRST = True
 # the sequence to its end, and stores them after its loop (no store and barrier before the loop,
 # as writing first needs)
 DECODE_NEW_ROWS = True
+# Paged pools at D > 64 writing first, table rows of <= 256 entries: the new tokens' pages picked
+# out of the whole row, read next to the lengths
+DECODE_SLOT_PAGES = True
 # More programs than SMs: split counts and (D <= 64 paged pools) tiles that spread them evenly
 DECODE_BALANCED_WAVES = True
 
@@ -793,10 +808,18 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # caches with one split, where other programs on the same SM stream meanwhile (more programs
     # than SMs). H100 appending steps: 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to
     # -0.55, contiguous -1.1 to -1.5; 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17
-    # (NOTES.md twenty-third round).
+    # (NOTES.md twenty-third round). Not with the four-stage pipeline of 64-key blocks that D <= 64
+    # pools take past 1.5 waves of programs (`_config`), where it cost 2.2-3.2 us against scoring
+    # the new token apart (28x32/8x2048x64, 56-64x32/4x2048x64, NOTES.md twenty-sixth round).
     write_first = DECODE_WRITE_FIRST and append and not causal and not new_rows and (
-        (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask))
+        (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask) and cfg["num_stages"] <= 3)
         or (not paged and direct and not fits_sms))
+    # Writing first at D > 64 into a pool whose table rows hold <= 256 entries: the whole row is
+    # read next to the lengths and the new tokens' pages picked out of it, so their store waits on
+    # one load instead of the lengths' and then the table's (H100, 28x32/8x2048x128 and
+    # 32x32/8x4096x128 appending: -0.8 to -1.0 us; at D=64 it lost 0.25-2, NOTES.md twenty-sixth round)
+    slot_pages = (next_power_of_2(max_pages_per_seq) if DECODE_SLOT_PAGES and write_first and paged
+                  and (cfg["BLOCK_D"] > 64 or interpret) and max_pages_per_seq <= 256 else 0)
     # the split kernel's own new tokens: written first or gathered by the loop (stored only), or
     # with one split one key folding in elementwise, several forming a tl.dot operand (>= 16 rows)
     seqlen_new = new_k.shape[2]
@@ -866,6 +889,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         BIAS_MASK=bias_mask,
         WRITE_FIRST=write_first,
         NEW_ROWS=new_rows,
+        SLOT_PAGES=slot_pages,
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -150,7 +150,7 @@ def split_launches(monkeypatch):
     return launches
 
 
-@pytest.mark.parametrize("path", ["scored", "write_first", "new_rows"])
+@pytest.mark.parametrize("path", ["scored", "write_first", "write_first_table", "new_rows", "deep_pipeline"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("s_q,causal", [(1, True), (2, True), (2, False)])
@@ -164,12 +164,17 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_
     # them back with its slice. "new_rows" (one split, 16-bit pools read a block ahead, causal or
     # not; elsewhere as "write_first"): the program gathers them from the inputs by position and
     # stores them after its loop. The bias tile is off outside "scored", so that split programs
-    # write first too; NaN fills every unwritten slot.
+    # write first too; NaN fills every unwritten slot. "write_first" picks the new tokens' pages
+    # out of the table row read next to the lengths, "write_first_table" reads them after the
+    # lengths. "deep_pipeline": the four-stage tile of D <= 64 pools past 1.5 waves, which scores
+    # the new tokens apart though writing first is allowed.
     from flashkv_ops.kernels import decode
 
     real = decode._config
-    monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), NUM_SPLITS=num_splits))
+    stages = {"num_stages": 4} if path == "deep_pipeline" else {}
+    monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), NUM_SPLITS=num_splits, **stages))
     monkeypatch.setattr(decode, "DECODE_WRITE_FIRST", path != "scored")
+    monkeypatch.setattr(decode, "DECODE_SLOT_PAGES", path == "write_first")
     monkeypatch.setattr(decode, "DECODE_NEW_ROWS", path == "new_rows")
     monkeypatch.setattr(decode, "DECODE_BIAS_MASK", path == "scored")
     case = dict(BASE, batch=3, s_q=s_q, causal=causal, lens=[0, 15, 100], page_size=16, dtype=dtype,
@@ -178,11 +183,13 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
         new_rows = path == "new_rows" and dtype != torch.float32 and num_splits == 1
         can = path != "scored" and not (causal and s_q > 1)
-        want = {True: (can and dtype != torch.float32 and not new_rows, new_rows),
-                False: (can and num_splits == 1, False)}
+        paged_first = can and dtype != torch.float32 and not new_rows and path != "deep_pipeline"
+        want = {True: (paged_first, new_rows, paged_first and path == "write_first"),
+                False: (can and num_splits == 1, False, False)}
         assert {kw["PAGED"] for kw in split_launches} == {True, False}
-        assert all((kw["WRITE_FIRST"], kw["NEW_ROWS"]) == want[kw["PAGED"]] for kw in split_launches), \
-            [(kw["PAGED"], kw["WRITE_FIRST"], kw["NEW_ROWS"]) for kw in split_launches]
+        assert all((kw["WRITE_FIRST"], kw["NEW_ROWS"], kw["SLOT_PAGES"] > 0) == want[kw["PAGED"]]
+                   for kw in split_launches), \
+            [(kw["PAGED"], kw["WRITE_FIRST"], kw["NEW_ROWS"], kw["SLOT_PAGES"]) for kw in split_launches]
 
 
 @pytest.mark.parametrize("page_size", [4, 8, 16])
