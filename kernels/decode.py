@@ -14,7 +14,8 @@ more "split" and writes them into the cache; with one split, stage 1 does both i
 program is the only reader of that sequence and KV head). Where it pays (``write_first`` in
 `attention_decode`: most paged pools, contiguous caches with one split and more programs than
 SMs), the stage 1 program whose slice holds the new tokens writes them into the cache first,
-behind a barrier, and reads its slice to the end like any other; one wave of lone programs on
+behind a barrier (one split past one wave at D > 64: into pages picked out of the table row read
+with the lengths), and reads its slice to the end like any other; one wave of lone programs on
 a paged pool at D <= 64 instead gathers the new tokens from the inputs in its loop
 (``new_rows``) and stores them after it. On Hopper both stages use programmatic dependent
 launch: each starts while the kernel before it drains and waits
@@ -691,8 +692,8 @@ DECODE_WRITE_FIRST = True
 # the sequence to its end, and stores them after its loop (no store and barrier before the loop,
 # as writing first needs)
 DECODE_NEW_ROWS = True
-# Paged pools at D > 64 writing first, table rows of <= 256 entries: the new tokens' pages picked
-# out of the whole row, read next to the lengths
+# Paged pools at D > 64 writing first with one split past one wave, table rows of <= 256 entries:
+# the new tokens' pages picked out of the whole row, read next to the lengths
 DECODE_SLOT_PAGES = True
 # More programs than SMs: split counts and (D <= 64 paged pools) tiles that spread them evenly
 DECODE_BALANCED_WAVES = True
@@ -814,12 +815,15 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     write_first = DECODE_WRITE_FIRST and append and not causal and not new_rows and (
         (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask) and cfg["num_stages"] <= 3)
         or (not paged and direct and not fits_sms))
-    # Writing first at D > 64 into a pool whose table rows hold <= 256 entries: the whole row is
-    # read next to the lengths and the new tokens' pages picked out of it, so their store waits on
-    # one load instead of the lengths' and then the table's (H100, 28x32/8x2048x128 and
-    # 32x32/8x4096x128 appending: -0.8 to -1.0 us; at D=64 it lost 0.25-2, NOTES.md twenty-sixth round)
+    # One split past one wave of programs writing first at D > 64 into a pool whose table rows
+    # hold <= 256 entries: the whole row is read next to the lengths and the new tokens' pages
+    # picked out of it, so their store waits on one load instead of the lengths' and then the
+    # table's (H100 appending steps, 28x32/8x2048x128, 64x32/8x2048x128, 32x32/8x4096x128,
+    # 5x32/32x4096x96: -0.4 to -1.2 us; +0.1 with one wave, +0.25 to +2 at D=64, +0.5 at
+    # 17x32/8x2048x128 with splits, NOTES.md twenty-sixth round). The interpreter tests it everywhere.
     slot_pages = (next_power_of_2(max_pages_per_seq) if DECODE_SLOT_PAGES and write_first and paged
-                  and (cfg["BLOCK_D"] > 64 or interpret) and max_pages_per_seq <= 256 else 0)
+                  and max_pages_per_seq <= 256
+                  and ((direct and not fits_sms and cfg["BLOCK_D"] > 64) or interpret) else 0)
     # the split kernel's own new tokens: written first or gathered by the loop (stored only), or
     # with one split one key folding in elementwise, several forming a tl.dot operand (>= 16 rows)
     seqlen_new = new_k.shape[2]
