@@ -590,12 +590,13 @@ def _split_count(programs: int, sm_count: int, past_one_wave: bool = False) -> i
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
             dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool, early_launch: bool = False,
-            smem_per_sm: int = 228 * 1024, balance_waves: bool = True) -> dict:
+            smem_per_sm: int = 228 * 1024, balance_waves: bool = True, wave_tiles: bool = True) -> dict:
     """Tile sizes and the split count, from static information only (never from lengths).
     ``early_launch``: the split kernel launches before the kernel ahead of it ends (programmatic
     dependent launch); ``smem_per_sm``: shared memory bytes per SM; ``balance_waves``: grids of
     more programs than SMs chosen to spread evenly over them (`_split_count`, and the D <= 64
-    paged tile below)."""
+    paged tile below); ``wave_tiles``: D <= 64 grids of 1.15 to 2.5 waves of programs (contiguous)
+    or 2 to 2.5 (paged) take one split of 64-key blocks instead."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
@@ -629,10 +630,22 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
             num_splits = 1
             if 2 * programs > 3 * sm_count:
                 block_n, stages = 64, 4
+        if wave_tiles and not wide and block_d <= 64 and 2 * sm_count < programs <= 2.5 * sm_count:
+            # and from two to 2.5 waves, 64-key blocks with three stages and no splits (H100,
+            # 36-40x32/8x2048x64: 88-89% -> 90-93%, NOTES.md twenty-sixth round)
+            num_splits, block_n, stages = 1, 64, 3
     elif paged:
         # float32 pools: synchronous gathers, ~3 programs per SM to keep loads in flight (2-5% faster
         # than the table read ahead there)
         num_splits, stages = triton.cdiv(3 * sm_count, programs), 2
+    elif wave_tiles and not wide and block_d == head_dim <= 64 and 1.15 * sm_count <= programs <= 2.5 * sm_count:
+        # contiguous caches at D <= 64 from 1.15 to 2.5 waves of programs: 64-key blocks and no
+        # splits, four stages up to 1.4 waves and three from there (H100, 19-22x32/8x2048x64:
+        # 85-87% -> 86-90% of 3.0 TB/s; 24-40x32/8x2048x64, 28x32/8x4096x64, 36x32/8x8192x64,
+        # 72x32/4x2048x64: 89-96% -> 91-101%; at 2.67 waves 94 -> 77%, NOTES.md twenty-sixth round)
+        num_splits, block_n = 1, 64
+        if programs < 1.4 * sm_count:
+            stages = 4
     # never slices shorter than two blocks
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
     if early_launch and not wide and (table_ahead or not paged) and batch * num_kv_heads * num_splits <= sm_count:
@@ -697,6 +710,9 @@ DECODE_NEW_ROWS = True
 DECODE_SLOT_PAGES = True
 # More programs than SMs: split counts and (D <= 64 paged pools) tiles that spread them evenly
 DECODE_BALANCED_WAVES = True
+# D <= 64 grids of 1.15-2.5 waves of programs (contiguous caches) or 2-2.5 (paged pools): one
+# split of 64-key blocks
+DECODE_WAVE_TILES = True
 
 
 def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:
@@ -775,7 +791,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     early_hint = DECODE_EARLY_PREFETCH and pdl and l2_hints and key_capacity > 0 and num_pages > 0
     smem = _smem_per_sm(q.device.index or 0) if early_hint else 0
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
-                  head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem, DECODE_BALANCED_WAVES)
+                  head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem, DECODE_BALANCED_WAVES,
+                  DECODE_WAVE_TILES)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)

@@ -281,13 +281,21 @@ def test_decode_tile_choices_from_static_shapes():
     assert _config(17, 8, 4, 2048, 128, _torch.float16, False, 132, False)["NUM_SPLITS"] == 3
     assert _config(17, 8, 4, 2048, 128, _torch.float16, True, 132, False)["NUM_SPLITS"] == 3
     assert _config(17, 8, 4, 2048, 128, _torch.float16, True, 132, False, balance_waves=False)["NUM_SPLITS"] == 1
-    assert _config(36, 8, 4, 2048, 64, _torch.float16, False, 132, False)["NUM_SPLITS"] == 3
+    assert _config(36, 8, 4, 2048, 64, _torch.float16, False, 132, False, wave_tiles=False)["NUM_SPLITS"] == 3
     narrow = _config(17, 8, 4, 2048, 64, _torch.float16, True, 132, False)
     assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (1, 128, 3)
     narrow = _config(32, 8, 4, 2048, 64, _torch.bfloat16, True, 132, False)
     assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (1, 64, 4)
+    # D <= 64 from two to 2.5 waves on pools (288 programs), from 1.15 to 2.5 on contiguous caches
+    # (160: four stages, from 1.4 three; 352 programs and 17 x 8 keep the split counts)
     narrow = _config(36, 8, 4, 2048, 64, _torch.float16, True, 132, False)
+    assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (1, 64, 3)
+    narrow = _config(36, 8, 4, 2048, 64, _torch.float16, True, 132, False, wave_tiles=False)
     assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == (3, 128, 3)
+    wave_tiles = {20: (1, 64, 4), 28: (1, 64, 3), 36: (1, 64, 3), 40: (1, 64, 3), 44: (1, 128, 3), 17: (3, 128, 3)}
+    for batch, tile in wave_tiles.items():
+        narrow = _config(batch, 8, 4, 2048, 64, _torch.bfloat16, False, 132, False)
+        assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == tile, batch
     assert _config(5, 32, 1, 4096, 96, _torch.float16, False, 132, False)["NUM_SPLITS"] == 1
     assert _config(5, 32, 1, 4096, 96, _torch.float16, True, 132, False)["NUM_SPLITS"] == 3
     assert _config(17, 8, 4, 2048, 128, _torch.float32, False, 132, False)["NUM_SPLITS"] == 1
