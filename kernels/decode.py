@@ -596,7 +596,8 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     dependent launch); ``smem_per_sm``: shared memory bytes per SM; ``balance_waves``: grids of
     more programs than SMs chosen to spread evenly over them (`_split_count`, and the D <= 64
     paged tile below); ``wave_tiles``: D <= 64 grids of 1.15 to 2.5 waves of programs (contiguous)
-    or 2 to 2.5 (paged) take one split of 64-key blocks instead."""
+    or 2 to 2.5 (paged) take one split of 64-key blocks instead, and contiguous caches read by
+    pointer loads past one wave 128-key blocks."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
@@ -646,6 +647,11 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
         num_splits, block_n = 1, 64
         if programs < 1.4 * sm_count:
             stages = 4
+    elif wave_tiles and not wide and block_d != head_dim and programs >= sm_count:
+        # contiguous caches read by pointer loads (D not a power of two) past one wave of programs:
+        # 128-key blocks (H100, 8-16x32/32x4096x96, Phi-3-mini: 88-85% -> 98-100% of 3.0 TB/s;
+        # 8x32/32x4096x80 74 -> 86%; level at one wave, NOTES.md twenty-sixth round)
+        block_n = 128
     # never slices shorter than two blocks
     num_splits = max(1, min(num_splits, triton.cdiv(key_capacity, 2 * block_n), 128))
     if early_launch and not wide and (table_ahead or not paged) and batch * num_kv_heads * num_splits <= sm_count:
@@ -711,7 +717,7 @@ DECODE_SLOT_PAGES = True
 # More programs than SMs: split counts and (D <= 64 paged pools) tiles that spread them evenly
 DECODE_BALANCED_WAVES = True
 # D <= 64 grids of 1.15-2.5 waves of programs (contiguous caches) or 2-2.5 (paged pools): one
-# split of 64-key blocks
+# split of 64-key blocks; contiguous caches read by pointer loads past one wave: 128-key blocks
 DECODE_WAVE_TILES = True
 
 

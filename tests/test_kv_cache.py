@@ -297,6 +297,10 @@ def test_decode_tile_choices_from_static_shapes():
         narrow = _config(batch, 8, 4, 2048, 64, _torch.bfloat16, False, 132, False)
         assert (narrow["NUM_SPLITS"], narrow["BLOCK_N"], narrow["num_stages"]) == tile, batch
     assert _config(5, 32, 1, 4096, 96, _torch.float16, False, 132, False)["NUM_SPLITS"] == 1
+    # and past one wave (8 x 32 KV heads) read 128-key blocks, 64 below it
+    assert _config(8, 32, 1, 4096, 96, _torch.float16, False, 132, False)["BLOCK_N"] == 128
+    assert _config(8, 32, 1, 4096, 96, _torch.float16, False, 132, False, wave_tiles=False)["BLOCK_N"] == 64
+    assert _config(4, 32, 1, 4096, 80, _torch.float16, False, 132, False)["BLOCK_N"] == 64
     assert _config(5, 32, 1, 4096, 96, _torch.float16, True, 132, False)["NUM_SPLITS"] == 3
     assert _config(17, 8, 4, 2048, 128, _torch.float32, False, 132, False)["NUM_SPLITS"] == 1
     # the interpreter takes the same path choice
