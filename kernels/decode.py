@@ -319,7 +319,8 @@ def _decode_split_kernel(
         mine = stored & (pos_t >= tl.where(split == 0, 0, lo)) & (pos_t < hi)
         if SLOT_PAGES > 0:
             # the sequence's whole table row, read next to the lengths (not after them), and the
-            # slots' pages picked out of it: the store waits on one load, not two in a row
+            # slots' pages picked out of it: the store waits on one load, not two in a row (a
+            # position past the row picks nothing, and lies past the capacity: not `mine`)
             slot_ids = tl.arange(0, SLOT_PAGES)
             row_entries = tl.load(bt_row + slot_ids, mask=slot_ids < max_pages_per_seq, other=-1)
             slot_pages = tl.sum(tl.where((pos_t // page_size)[:, None] == slot_ids[None, :], row_entries[None, :], 0), 1)
@@ -642,7 +643,7 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     elif wave_tiles and not wide and block_d == head_dim <= 64 and 1.15 * sm_count <= programs <= 2.5 * sm_count:
         # contiguous caches at D <= 64 from 1.15 to 2.5 waves of programs: 64-key blocks and no
         # splits, four stages up to 1.4 waves and three from there (H100, 19-22x32/8x2048x64:
-        # 85-87% -> 86-90% of 3.0 TB/s; 24-40x32/8x2048x64, 28x32/8x4096x64, 36x32/8x8192x64,
+        # 85-87% -> 85-90% of 3.0 TB/s; 24-40x32/8x2048x64, 28x32/8x4096x64, 36x32/8x8192x64,
         # 72x32/4x2048x64: 89-96% -> 91-101%; at 2.67 waves 94 -> 77%, NOTES.md twenty-sixth round)
         num_splits, block_n = 1, 64
         if programs < 1.4 * sm_count:
@@ -844,7 +845,7 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     # table's (H100 appending steps, 28x32/8x2048x128, 64x32/8x2048x128, 32x32/8x4096x128,
     # 5x32/32x4096x96: -0.4 to -1.2 us; +0.1 with one wave, +0.25 to +2 at D=64, +0.5 at
     # 17x32/8x2048x128 with splits, NOTES.md twenty-sixth round). The interpreter tests it everywhere.
-    slot_pages = (next_power_of_2(max_pages_per_seq) if DECODE_SLOT_PAGES and write_first and paged
+    slot_pages = (max(2, next_power_of_2(max_pages_per_seq)) if DECODE_SLOT_PAGES and write_first and paged
                   and max_pages_per_seq <= 256
                   and ((direct and not fits_sms and cfg["BLOCK_D"] > 64) or interpret) else 0)
     # the split kernel's own new tokens: written first or gathered by the loop (stored only), or
