@@ -226,9 +226,8 @@ def test_split_count_evens_out_grids_past_one_wave():
         else:  # the best-filled of 1-3 splits, the fewest on a tie
             best = max(use(programs, s) for s in (1, 2, 3))
             assert use(programs, splits) == best and all(use(programs, s) < best for s in range(1, splits))
-        # below one wave the rule is the same either way
+    # below one wave the rule is the same either way
     assert all(_split_count(p, 132, True) == _split_count(p, 132) for p in range(1, 132))
-
 
 
 def test_decode_tile_choices_from_static_shapes():
