@@ -52,7 +52,7 @@ from benchmarks import common
 
 # (batch, num_q_heads, num_kv_heads, S, head_dim): the shapes issue 3 sets targets for, then
 # grids of a little more than one, of 1.7 and of a little more than two waves of (sequence, KV
-# head) programs on 132 SMs (Llama-3-8B at batch 17, Llama-3.2-1B at batch 28 and 36).
+# head) programs on 132 SMs (Llama-3-8B at batch 17, Llama-3.2-1B at batch 17, 28 and 36).
 FIXED_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (16, 8, 8, 2048, 64),
     (1, 32, 8, 32768, 128),
@@ -60,6 +60,7 @@ FIXED_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (8, 32, 4, 8192, 64),
     (64, 32, 8, 2048, 128),
     (17, 32, 8, 2048, 128),
+    (17, 32, 8, 2048, 64),
     (28, 32, 8, 2048, 64),
     (36, 32, 8, 2048, 64),
 )

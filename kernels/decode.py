@@ -105,6 +105,34 @@ def _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale):
 
 
 @triton.jit
+def _packed_query(Q, b, kv_h, group_size, seqlen_q, stride_q_b, stride_q_h, stride_q_s, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The packed query tile of sequence ``b``, KV head ``kv_h``: row r is query head
+    kv_h * group_size + r // seqlen_q, token r % seqlen_q. Returns (q [BLOCK_M, BLOCK_D], each row's
+    head, its token, whether it exists)."""
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < group_size * seqlen_q
+    h = kv_h * group_size + rows // seqlen_q
+    query_index = rows % seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + b.to(tl.int64) * stride_q_b + h[:, None] * stride_q_h + query_index[:, None] * stride_q_s + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return q, h, query_index, row_ok
+
+
+@triton.jit
+def _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_q_heads, seqlen_q, num_splits,
+                   split, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store one split's normalised rows ``out`` [BLOCK_M, BLOCK_D] and their log-sum-exp ``lse`` as
+    split ``split`` of the partial buffers, contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]."""
+    offs_d = tl.arange(0, BLOCK_D)
+    partial_row = ((b.to(tl.int64) * num_q_heads + h) * seqlen_q + query_index) * num_splits + split
+    tl.store(PartialLse + partial_row, lse, mask=row_ok)
+    tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out,
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _decode_split_kernel(
     # -- pointers
     Q,
@@ -260,15 +288,10 @@ def _decode_split_kernel(
                           stride_v_s, page_size, num_pages, max_pages_per_seq, PREFETCH_LINES, PREFETCH_LINE_ELEMS,
                           PAGED, SHARED_ROWS, WIDE_ROWS)
 
-    # -- packed rows: row r is query head kv_h * group_size + r // seqlen_q, token r % seqlen_q
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < group_size * seqlen_q
-    h = kv_h * group_size + rows // seqlen_q
-    query_index = rows % seqlen_q
+    q, h, query_index, row_ok = _packed_query(Q, b, kv_h, group_size, seqlen_q, stride_q_b, stride_q_h, stride_q_s,
+                                              HEAD_DIM, BLOCK_M, BLOCK_D)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b.to(tl.int64) * stride_q_b + h[:, None] * stride_q_h + query_index[:, None] * stride_q_s + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
@@ -449,11 +472,102 @@ def _decode_split_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        # partial buffers are contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]
-        partial_row = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits + split
-        tl.store(PartialLse + partial_row, lse, mask=row_ok)
-        tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_kv_heads * group_size,
+                       seqlen_q, num_splits, split, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _decode_balanced_kernel(
+    Q, K, V, KDesc, VDesc,  # contiguous caches; TMA descriptors of K and V when TMA (else unused)
+    PartialOut, PartialLse, KeyEnd,
+    num_groups,  # batch * num_kv_heads
+    num_kv_heads, group_size, seqlen_q, key_capacity, key_end_offset, qk_scale,
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_END: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    APPEND: tl.constexpr, PDL: tl.constexpr, EARLY_PREFETCH: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    PREFETCH_LINE_ELEMS: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # the most (sequence, KV head) groups one program's share touches
+):
+    """Stage 1 with the key blocks of all (sequence, KV head) groups shared out evenly (contiguous
+    caches, `_balanced_pieces`): each group is P units wide (P programs), program p takes units
+    [p * num_groups, (p + 1) * num_groups) of them all in group order, and of each group it touches
+    the matching share of that sequence's key blocks (its lengths read on the device), as piece
+    p - first(group) of that group's partial results (first(g) = g * P // num_groups).
+
+    One whole-SM program per SM: each asks the L2 for its first block (as a full sequence places
+    it) before the wait on the kernel before it, and reads a partial last block as the block
+    ending at its slice's end (`online_softmax_blocks`' SHIFT_TAIL, TMA)."""
+    p = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    unit_lo = p * num_groups
+    unit_hi = unit_lo + num_groups
+    first_group = unit_lo // num_programs
+    ONE_LOOP: tl.constexpr = TMA
+    if EARLY_PREFETCH:
+        b0 = first_group // num_kv_heads
+        h0 = first_group % num_kv_heads
+        first_block = tl.cdiv(key_capacity, BLOCK_N) * (unit_lo - first_group * num_programs) // num_programs
+        first_pos = tl.minimum(first_block * BLOCK_N + tl.arange(0, BLOCK_N), key_capacity - 1)
+        prefetch_rows_to_l2(kv_head_base(K, b0, h0, stride_k_b, stride_k_h, False),
+                            kv_head_base(V, b0, h0, stride_v_b, stride_v_h, False), first_pos * stride_k_s,
+                            first_pos * stride_v_s, PREFETCH_LINES, PREFETCH_LINE_ELEMS)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    for piece in tl.static_range(SEGMENTS):
+        g = first_group + piece
+        # this program's units of group g, in [0, num_programs]
+        a = tl.maximum(unit_lo, g * num_programs) - g * num_programs
+        c = tl.minimum(unit_hi, (g + 1) * num_programs) - g * num_programs
+        if (c > a) & (g < num_groups):
+            b = g // num_kv_heads
+            kv_h = g % num_kv_heads
+            q, h, query_index, row_ok = _packed_query(Q, b, kv_h, group_size, seqlen_q, stride_q_b, stride_q_h,
+                                                      stride_q_s, HEAD_DIM, BLOCK_M, BLOCK_D)
+            key_start, key_end = key_range(KeyEnd, KeyEnd, b, key_end_offset, key_capacity, False, HAS_KEY_END)
+            diag = key_end - seqlen_q
+            blocks = tl.cdiv(key_end, BLOCK_N)
+            lo = (blocks * a // num_programs) * BLOCK_N
+            hi = tl.minimum((blocks * c // num_programs) * BLOCK_N, key_end)
+            cache_hi = hi
+            cache_end = key_end
+            if APPEND:
+                # this step's tokens are scored and written by the merge kernel (`attention_decode`)
+                new_lo = tl.load(KeyEnd + b)
+                cache_hi = tl.maximum(tl.minimum(hi, new_lo), lo)
+                cache_end = tl.minimum(key_end, new_lo)
+            unmasked_hi = cache_hi
+            if not ONE_LOOP:
+                full_hi = cache_hi
+                if CAUSAL:
+                    full_hi = tl.minimum(full_hi, diag + 1)
+                unmasked_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            k_base = kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, False)
+            v_base = kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, False)
+            for MASKED in tl.static_range(1 if ONE_LOOP else 2):
+                seg_lo = lo
+                seg_hi = unmasked_hi
+                if MASKED:
+                    seg_lo = unmasked_hi
+                    seg_hi = cache_hi
+                if seg_hi > seg_lo:
+                    acc, l_i, m_i = online_softmax_blocks(
+                        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, K, stride_k_b, stride_k_s,
+                        stride_v_b, stride_v_s, 1, 0, 0, query_index, key_start, cache_end, diag, seg_lo, seg_hi,
+                        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, False, DOT_PRECISION, TMA, False,
+                        False, False, ONE_LOOP)
+            seen = l_i > 0.0
+            out = acc / tl.where(seen, l_i, 1.0)[:, None]
+            lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_kv_heads * group_size,
+                           seqlen_q, (num_programs - 1) // num_groups + 2, p - g * num_programs // num_groups,
+                           HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -485,6 +599,8 @@ def _decode_merge_kernel(
     stride_kc_b, stride_kc_h, stride_kc_s,
     stride_vc_b, stride_vc_h, stride_vc_s,
     stride_bt_b,
+    balanced_programs,  # BALANCED: the grid of `_decode_balanced_kernel` (else unused)
+    balanced_groups,  # BALANCED: the (sequence, KV head) groups it shared out (else unused)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
@@ -493,6 +609,7 @@ def _decode_merge_kernel(
     APPEND: tl.constexpr,
     PAGED: tl.constexpr,
     PDL: tl.constexpr,
+    BALANCED: tl.constexpr,
 ):
     row = tl.program_id(0)  # flattened (b, h, i)
     i = row % seqlen_q
@@ -501,6 +618,12 @@ def _decode_merge_kernel(
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
+    if BALANCED:
+        # this group's pieces: one from each program between the ones holding its first and last units
+        g = b * (num_q_heads // group_size) + h // group_size
+        first = g * balanced_programs // balanced_groups
+        last = ((g + 1) * balanced_programs - 1) // balanced_groups
+        s_ok = offs_s < last - first + 1
     d_ok = offs_d < HEAD_DIM
     if APPEND:
         # Fused append: this step's tokens are one more "split", scored here from the inputs (the
@@ -591,14 +714,17 @@ def _split_count(programs: int, sm_count: int, past_one_wave: bool = False) -> i
 @functools.lru_cache(maxsize=None)
 def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, head_dim: int,
             dtype: torch.dtype, paged: bool, sm_count: int, interpret: bool, early_launch: bool = False,
-            smem_per_sm: int = 228 * 1024, balance_waves: bool = True, wave_tiles: bool = True) -> dict:
+            smem_per_sm: int = 228 * 1024, balance_waves: bool = True, wave_tiles: bool = True,
+            key_balanced: bool = True) -> dict:
     """Tile sizes and the split count, from static information only (never from lengths).
     ``early_launch``: the split kernel launches before the kernel ahead of it ends (programmatic
     dependent launch); ``smem_per_sm``: shared memory bytes per SM; ``balance_waves``: grids of
     more programs than SMs chosen to spread evenly over them (`_split_count`, and the D <= 64
     paged tile below); ``wave_tiles``: D <= 64 grids of 1.15 to 2.5 waves of programs (contiguous)
     or 2 to 2.5 (paged) take one split of 64-key blocks instead, and contiguous caches read by
-    pointer loads past one wave 128-key blocks."""
+    pointer loads past one wave 128-key blocks; ``key_balanced``: contiguous 16-bit caches at D=64 or
+    128, launched early, with 1 to 1.16 (D=64) or 1.5 (D=128) waves of (sequence, KV head) groups,
+    get one whole-SM program per SM sharing all key blocks out evenly (``BALANCED``: that many)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
@@ -612,6 +738,17 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     warps = 4
     programs = batch * num_kv_heads
     wide = dtype == torch.float32 or block_d > 128  # 4-byte elements or long rows: small blocks
+    if (key_balanced and early_launch and not paged and not wide and 64 <= block_d == head_dim
+            and sm_count < programs < (1.16 if block_d <= 64 else 1.5) * sm_count):
+        # Contiguous caches just past one wave of groups: one whole-SM program per SM, each taking
+        # an equal share of all groups' key blocks. H100, lengths off a block boundary and
+        # appending steps: 136-152 groups at D=64 81-85% -> 86-88% of 3.0 TB/s, 136-192 at D=128
+        # 89-96% -> 92-98%; level or better at full length; at D=64 from 160 groups on the 64-key
+        # tiles below measured faster (NOTES.md twenty-seventh round)
+        block_n = next((n for n in (64, 128, 256) if _whole_sm(3, n, block_d, dtype.itemsize, smem_per_sm)), 0)
+        if block_n and key_capacity >= 2 * block_n:
+            return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=1, TABLE_AHEAD=False,
+                        num_warps=warps, num_stages=3, BALANCED=sm_count)
     # about one program per SM with three stages (two were 1% faster on full B=32, H_kv=8
     # contiguous caches but 9% slower on ragged ones, whose last long sequences stream alone)
     # (contiguous caches read by pointer loads, D not a power of two, measured faster unsplit)
@@ -720,6 +857,9 @@ DECODE_BALANCED_WAVES = True
 # D <= 64 grids of 1.15-2.5 waves of programs (contiguous caches) or 2-2.5 (paged pools): one
 # split of 64-key blocks; contiguous caches read by pointer loads past one wave: 128-key blocks
 DECODE_WAVE_TILES = True
+# Contiguous caches just past one wave of (sequence, KV head) groups, launched early: key blocks
+# shared out evenly over one whole-SM program per SM (`_decode_balanced_kernel`)
+DECODE_KEY_BALANCED = True
 
 
 def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:
@@ -799,9 +939,13 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     smem = _smem_per_sm(q.device.index or 0) if early_hint else 0
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
                   head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem, DECODE_BALANCED_WAVES,
-                  DECODE_WAVE_TILES)
+                  DECODE_WAVE_TILES, DECODE_KEY_BALANCED)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
+    # contiguous caches with no key start: stage 1 may share all key blocks out evenly (`_config`)
+    balanced = cfg.pop("BALANCED", 0) if not paged and key_start is None else 0
+    if balanced:
+        num_splits = _balanced_pieces(balanced, batch * num_kv_heads)
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
     if direct:
         partial_out = partial_lse = out  # never touched
@@ -813,6 +957,25 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     dummy = key_end if key_end is not None else q  # never read when its flag is off
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     new_k, new_v = (k_new, v_new) if append else (k, v)
+    merge = functools.partial(_merge, partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table,
+                              num_splits, key_capacity, scale, cfg["BLOCK_D"], causal, pdl)
+    if balanced:
+        _decode_balanced_kernel[(balanced,)](
+            q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, dummy,
+            batch * num_kv_heads, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity,
+            key_end_offset, scale * LOG2_E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            HEAD_DIM=head_dim, CAUSAL=causal, HAS_KEY_END=key_end is not None, DOT_PRECISION=dot_precision(q.dtype),
+            TMA=descriptors is not None, APPEND=append, PDL=pdl, EARLY_PREFETCH=early_hint,
+            **_prefetch_lines(head_dim, k.element_size()),
+            SEGMENTS=triton.cdiv(batch * num_kv_heads - 1, balanced) + 1,
+            **{key: value for key, value in cfg.items() if key != "TABLE_AHEAD"},
+            **({"launch_pdl": True} if pdl else {}),
+        )
+        merge(append, balanced, batch * num_kv_heads)
+        return
     bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
     interleaved = DECODE_INTERLEAVED and not paged and not direct
     fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
@@ -921,11 +1084,28 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         **cfg,
         **({"launch_pdl": True} if pdl else {}),
     )
-    if direct:
-        return
+    if not direct:
+        merge(append and not write_first)
+
+
+def _balanced_pieces(programs: int, groups: int) -> int:
+    """Partial results per (sequence, KV head) group when ``programs`` share out ``groups`` groups'
+    key blocks (`_decode_balanced_kernel`): a group spans at most this many programs' shares."""
+    return (programs - 1) // groups + 2
+
+
+def _merge(partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table, num_splits, key_capacity,
+           scale, block_d, causal, pdl, append, balanced_programs=0, balanced_groups=1):
+    """Launch stage 2 over ``num_splits`` partial results per row (``append``: scoring this step's
+    tokens and writing them into the cache too; ``balanced_programs``: the partial results of
+    `_decode_balanced_kernel`, which shared out ``balanced_groups`` groups)."""
+    batch, num_q_heads, seqlen_q, head_dim = q.shape
+    num_pages, page_size, max_pages_per_seq, _, stride_bt_b = kv_geometry(k, block_table)
+    paged = block_table is not None
+    seqlen_new = new_k.shape[2]
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
         partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
-        num_q_heads, num_q_heads // num_kv_heads, seqlen_q, num_splits, seqlen_new, key_capacity,
+        num_q_heads, num_q_heads // k.shape[1], seqlen_q, num_splits, seqlen_new, key_capacity,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
         out.stride(0), out.stride(1), out.stride(2),
         q.stride(0), q.stride(1), q.stride(2),
@@ -933,14 +1113,15 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         new_v.stride(0), new_v.stride(1), new_v.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        stride_bt_b,
-        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"],
+        stride_bt_b, balanced_programs, balanced_groups,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
         BLOCK_T=max(2, next_power_of_2(seqlen_new)),
         CAUSAL=causal,
-        APPEND=append and not write_first,
+        APPEND=append,
         PAGED=paged,
         PDL=pdl,
-        num_warps=4 if cfg["BLOCK_D"] * num_splits >= 4096 else 1,
+        BALANCED=balanced_programs > 0,
+        num_warps=4 if block_d * num_splits >= 4096 else 1,
         **({"launch_pdl": True} if pdl else {}),
     )

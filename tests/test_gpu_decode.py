@@ -168,14 +168,15 @@ def test_gpu_paged_partial_blocks_with_nan_past_the_lengths(head_dim, shape, s_q
                         what=f"lens {lens_list}")
 
 
-@pytest.mark.parametrize("shape", [(17, 32, 8, 128), (28, 32, 8, 128), (20, 32, 8, 64), (32, 32, 8, 64),
-                                   (36, 32, 8, 64), (8, 32, 32, 96)])
+@pytest.mark.parametrize("shape", [(17, 32, 8, 128), (28, 32, 8, 128), (18, 32, 8, 64), (20, 32, 8, 64),
+                                   (32, 32, 8, 64), (36, 32, 8, 64), (8, 32, 32, 96)])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("s_q", [1, 4])
 def test_gpu_decode_grids_past_one_wave(shape, paged, s_q):
-    # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 at D=128 get three
-    # splits, 224 at D=128 one split (on a pool, writing the new tokens first into the pages
-    # picked out of the table row); at D=64 one split of 64-key blocks: 160 contiguous with four
+    # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 at D=128 and 144 at
+    # D=64 get their key blocks shared out over 132 programs on contiguous caches, three splits
+    # (D=128) or one (D=64) on a pool; 224 at D=128 one split (on a pool, writing the new tokens
+    # first into the pages picked out of the table row); at D=64 one split of 64-key blocks: 160 contiguous with four
     # stages (on a pool 128-key blocks), 256 on a pool with four stages (scoring one new token
     # apart), 256 contiguous and 288 with three; 256 at D=96 (no group), contiguous, pointer loads
     # of 128-key blocks. Uneven lengths (full, empty, mid-block), this step's tokens appended, NaN

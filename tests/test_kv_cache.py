@@ -3,6 +3,8 @@ reference, in-place append semantics, prefill + decode, and the split-KV decode 
 around its split boundaries.
 """
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -190,6 +192,63 @@ def test_decode_with_the_split_counts_gpus_pick(monkeypatch, num_splits, s_q, wi
         v = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
     run_and_check(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v,
                   what=f"splits={num_splits} s_q={s_q}")
+
+
+@pytest.mark.parametrize("programs", [3, 8, 13])
+@pytest.mark.parametrize("s_q,with_new", [(1, False), (1, True), (4, True)])
+def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, with_new):
+    # Contiguous caches just past one wave of (sequence, KV head) groups: stage 1 shares every
+    # group's key blocks out over a fixed number of programs, whose shares cross group boundaries
+    # (3 programs for 8 groups: up to four groups each) or cut a group in pieces (13), and the
+    # merge finds each group's pieces. Forced here, with empty, one-token and uneven lengths.
+    from flashkv_ops.kernels import decode
+
+    real = decode._config
+    monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), BALANCED=programs))
+    launches = []
+    kernel = decode._decode_balanced_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(decode, "_decode_balanced_kernel", Recorder())
+    lens = [0, 1, 129, 1019 - s_q]
+    g = torch.Generator().manual_seed(programs * 10 + s_q)
+    d, hkv, hq = 16, 2, 8
+    k_cache, v_cache = make_cache(len(lens), hkv, 1024, d, torch.float16, g)
+    for b, n in enumerate(lens):  # slots no sequence holds: NaN, which no share may read
+        k_cache[b, :, n:] = v_cache[b, :, n:] = float("nan")
+    q = randn((len(lens), hq, s_q, d), torch.float16, generator=g)
+    k = v = None
+    if with_new:
+        k = randn((len(lens), hkv, s_q, d), torch.float16, generator=g)
+        v = randn((len(lens), hkv, s_q, d), torch.float16, generator=g)
+    run_and_check(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v,
+                  what=f"programs={programs} s_q={s_q}")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
+        assert launches == [(programs,)]
+
+
+def test_key_balanced_decode_just_past_one_wave():
+    from flashkv_ops.kernels.decode import _config
+
+    smem = 228 * 1024
+
+    def config(batch, head_dim=64, paged=False, dtype=torch.float16, early=True, kv_heads=8):
+        return _config(batch, kv_heads, 4, 2048, head_dim, dtype, paged, 132, False, early, smem)
+
+    # 136-152 groups at D=64, 136-192 at D=128, on 132 SMs: one program per SM, blocks that fill
+    # an SM's shared memory
+    for batch, head_dim, block_n in ((17, 64, 256), (19, 64, 256), (17, 128, 128), (24, 128, 128)):
+        cfg = config(batch, head_dim)
+        assert (cfg["BALANCED"], cfg["BLOCK_N"], cfg["num_stages"]) == (132, block_n, 3), (batch, head_dim)
+    # one wave or less, 160 groups at D=64 (the 64-key tiles) and 200 at D=128, paged pools,
+    # float32, pointer loads (D=96), no early launch: the split kernel
+    for cfg in (config(16), config(20), config(25, 128), config(17, paged=True), config(17, dtype=torch.float32),
+                config(17, head_dim=96), config(17, early=False), config(4, kv_heads=32)):
+        assert "BALANCED" not in cfg, cfg
 
 
 def test_split_count_fills_the_sms_about_once():
