@@ -723,8 +723,8 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     paged tile below); ``wave_tiles``: D <= 64 grids of 1.15 to 2.5 waves of programs (contiguous)
     or 2 to 2.5 (paged) take one split of 64-key blocks instead, and contiguous caches read by
     pointer loads past one wave 128-key blocks; ``key_balanced``: contiguous 16-bit caches at D=64 or
-    128, launched early, with 1 to 1.16 (D=64) or 1.5 (D=128) waves of (sequence, KV head) groups,
-    get one whole-SM program per SM sharing all key blocks out evenly (``BALANCED``: that many)."""
+    128, launched early, where `_key_balanced` says so, get one whole-SM program per SM sharing all
+    key blocks out evenly (``BALANCED``: that many programs)."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = max(16, next_power_of_2(packed_rows))
     # paged 16-bit pools read the block table one key block ahead (float32 ones measured faster
@@ -738,13 +738,8 @@ def _config(batch: int, num_kv_heads: int, packed_rows: int, key_capacity: int, 
     warps = 4
     programs = batch * num_kv_heads
     wide = dtype == torch.float32 or block_d > 128  # 4-byte elements or long rows: small blocks
-    if (key_balanced and early_launch and not paged and not wide and 64 <= block_d == head_dim
-            and sm_count < programs < (1.16 if block_d <= 64 else 1.5) * sm_count):
-        # Contiguous caches just past one wave of groups: one whole-SM program per SM, each taking
-        # an equal share of all groups' key blocks. H100, lengths off a block boundary and
-        # appending steps: 136-152 groups at D=64 81-85% -> 86-88% of 3.0 TB/s, 136-192 at D=128
-        # 89-96% -> 92-98%; level or better at full length; at D=64 from 160 groups on the 64-key
-        # tiles below measured faster (NOTES.md twenty-seventh round)
+    if key_balanced and early_launch and not paged and not wide and 64 <= block_d == head_dim and _key_balanced(
+            programs, sm_count, block_d):
         block_n = next((n for n in (64, 128, 256) if _whole_sm(3, n, block_d, dtype.itemsize, smem_per_sm)), 0)
         if block_n and key_capacity >= 2 * block_n:
             return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=1, TABLE_AHEAD=False,
@@ -857,9 +852,33 @@ DECODE_BALANCED_WAVES = True
 # D <= 64 grids of 1.15-2.5 waves of programs (contiguous caches) or 2-2.5 (paged pools): one
 # split of 64-key blocks; contiguous caches read by pointer loads past one wave: 128-key blocks
 DECODE_WAVE_TILES = True
-# Contiguous caches just past one wave of (sequence, KV head) groups, launched early: key blocks
-# shared out evenly over one whole-SM program per SM (`_decode_balanced_kernel`)
+# Contiguous caches whose (sequence, KV head) groups whole splits cannot spread over one wave of
+# SMs, launched early: key blocks shared out evenly over one whole-SM program per SM
+# (`_key_balanced`, `_decode_balanced_kernel`)
 DECODE_KEY_BALANCED = True
+
+
+def _key_balanced(groups: int, sm_count: int, block_d: int) -> bool:
+    """Whether a contiguous cache's (sequence, KV head) groups take `_decode_balanced_kernel`: one
+    whole-SM program per SM, each an equal share of all groups' key blocks.
+
+    Where whole splits (`_split_count`) cannot spread the groups evenly: one split per group that
+    leaves more than 10% of the SMs idle, split grids past one wave that are not whole waves, and
+    groups just past one wave (up to 1.16 waves at D=64, where the 64-key tiles of `_config` take
+    over, and 1.5 at D=128). H100, contiguous caches, lengths off a block boundary and appending
+    steps (NOTES.md twenty-seventh round): 96 and 112 groups at S=4096, D=128 (one split, 73% and
+    85% of the SMs) 89% -> 96% and 94% -> 97% of 3.0 TB/s; 28-80 groups in 1.6-1.9 waves of splits
+    75-89% -> 81-93%; 136-152 groups at D=64 81-85% -> 86-88%, 136-192 at D=128 89-96% -> 92-98%;
+    level or better at full length. One wave of several splits per group (24, 40 and 56 groups),
+    two whole waves (88) and 160 groups at D=64 measured slower.
+    """
+    if groups <= sm_count:
+        splits = _split_count(groups, sm_count)
+        total = groups * splits
+        if total <= sm_count:
+            return splits == 1 and total < 0.9 * sm_count
+        return total % sm_count != 0
+    return groups < (1.16 if block_d <= 64 else 1.5) * sm_count
 
 
 def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> int:

@@ -176,11 +176,27 @@ def test_gpu_decode_grids_past_one_wave(shape, paged, s_q):
     # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 at D=128 and 144 at
     # D=64 get their key blocks shared out over 132 programs on contiguous caches, three splits
     # (D=128) or one (D=64) on a pool; 224 at D=128 one split (on a pool, writing the new tokens
-    # first into the pages picked out of the table row); at D=64 one split of 64-key blocks: 160 contiguous with four
-    # stages (on a pool 128-key blocks), 256 on a pool with four stages (scoring one new token
-    # apart), 256 contiguous and 288 with three; 256 at D=96 (no group), contiguous, pointer loads
-    # of 128-key blocks. Uneven lengths (full, empty, mid-block), this step's tokens appended, NaN
-    # in every slot no sequence holds.
+    # first into the pages picked out of the table row); at D=64 one split of 64-key blocks: 160
+    # contiguous with four stages (on a pool 128-key blocks), 256 on a pool with four stages
+    # (scoring one new token apart), 256 contiguous and 288 with three; 256 at D=96 (no group),
+    # contiguous, pointer loads of 128-key blocks.
+    check_uneven_grid(shape, paged, s_q)
+
+
+@pytest.mark.parametrize("shape", [(12, 32, 8, 128), (12, 32, 8, 64), (7, 28, 4, 128), (9, 32, 8, 128)])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("s_q", [1, 4])
+def test_gpu_decode_grids_splits_cannot_spread(shape, paged, s_q):
+    # Fewer (sequence, KV head) groups than SMs that whole splits spread badly over an H100's 132
+    # SMs: 96 groups (one split: 73% of the SMs), 28 and 72 (nine and three splits: 1.9 and 1.6
+    # waves). Contiguous caches share their key blocks out over 132 programs (a program's share
+    # crossing into the next group, or up to six programs on one group); pools keep the splits.
+    check_uneven_grid(shape, paged, s_q)
+
+
+def check_uneven_grid(shape, paged, s_q):
+    """Decode against the reference with uneven lengths (full, empty, mid-block), this step's
+    tokens appended, NaN in every slot no sequence holds."""
     b, hq, hkv, d = shape
     s_max, dt = 2048, torch.bfloat16 if s_q > 1 else torch.float16
     g = torch.Generator().manual_seed(b + d + s_q)

@@ -231,21 +231,26 @@ def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, wi
         assert launches == [(programs,)]
 
 
-def test_key_balanced_decode_just_past_one_wave():
-    from flashkv_ops.kernels.decode import _config
+def test_key_balanced_decode_where_splits_cannot_spread_the_groups():
+    from flashkv_ops.kernels.decode import _config, _key_balanced
 
     smem = 228 * 1024
 
     def config(batch, head_dim=64, paged=False, dtype=torch.float16, early=True, kv_heads=8):
         return _config(batch, kv_heads, 4, 2048, head_dim, dtype, paged, 132, False, early, smem)
 
-    # 136-152 groups at D=64, 136-192 at D=128, on 132 SMs: one program per SM, blocks that fill
-    # an SM's shared memory
-    for batch, head_dim, block_n in ((17, 64, 256), (19, 64, 256), (17, 128, 128), (24, 128, 128)):
+    # groups on 132 SMs (at D=128): one split leaving over 10% of the SMs idle (96, 112), split
+    # grids of 1.6-1.9 waves (28-80), just past one wave (136-192); not one wave of several splits
+    # (24, 40, 56), two whole waves (88), one split filling >= 90% of the SMs (120, 128, 132)
+    balanced = {g for g in range(1, 260) if _key_balanced(g, 132, 128)}
+    assert {28, 36, 46, 48, 72, 80, 96, 112, 136, 160, 192} <= balanced
+    assert not balanced & {8, 16, 24, 32, 40, 56, 64, 88, 120, 128, 132, 200}
+    assert {g for g in range(133, 260) if _key_balanced(g, 132, 64)} == set(range(133, 154))
+    # one program per SM, blocks that fill an SM's shared memory
+    for batch, head_dim, block_n in ((17, 64, 256), (19, 64, 256), (12, 64, 256), (17, 128, 128), (24, 128, 128)):
         cfg = config(batch, head_dim)
         assert (cfg["BALANCED"], cfg["BLOCK_N"], cfg["num_stages"]) == (132, block_n, 3), (batch, head_dim)
-    # one wave or less, 160 groups at D=64 (the 64-key tiles) and 200 at D=128, paged pools,
-    # float32, pointer loads (D=96), no early launch: the split kernel
+    # paged pools, float32, pointer loads (D=96), no early launch: the split kernel
     for cfg in (config(16), config(20), config(25, 128), config(17, paged=True), config(17, dtype=torch.float32),
                 config(17, head_dim=96), config(17, early=False), config(4, kv_heads=32)):
         assert "BALANCED" not in cfg, cfg
