@@ -383,14 +383,18 @@ def check_step(out, q, k_cache_before, v_cache_before, lens_before, k, v, k_cach
 
 @pytest.mark.parametrize("s_q", [1, 4])
 @pytest.mark.parametrize("dtype", LOWP)
-def test_cuda_graph_decode_replayed_as_lengths_grow(s_q, dtype):
+@pytest.mark.parametrize("batch", [B, 12])
+def test_cuda_graph_decode_replayed_as_lengths_grow(s_q, dtype, batch):
+    # batch 12: 96 (sequence, KV head) groups, whose key blocks an H100's 132 SMs share out evenly
+    # (`_decode_balanced_kernel`); batch 4: split programs
     g = torch.Generator().manual_seed(s_q)
-    k_cache = randn((B, HKV, S_MAX, D), dtype, DEVICE, generator=g)
-    v_cache = randn((B, HKV, S_MAX, D), dtype, DEVICE, generator=g)
-    lens = torch.tensor(START_LENS, dtype=torch.int32, device=DEVICE)
-    q_in = randn((B, HQ, s_q, D), dtype, DEVICE, generator=g)
-    k_in = randn((B, HKV, s_q, D), dtype, DEVICE, generator=g)
-    v_in = randn((B, HKV, s_q, D), dtype, DEVICE, generator=g)
+    start = (START_LENS * 3)[:batch]
+    k_cache = randn((batch, HKV, S_MAX, D), dtype, DEVICE, generator=g)
+    v_cache = randn((batch, HKV, S_MAX, D), dtype, DEVICE, generator=g)
+    lens = torch.tensor(start, dtype=torch.int32, device=DEVICE)
+    q_in = randn((batch, HQ, s_q, D), dtype, DEVICE, generator=g)
+    k_in = randn((batch, HKV, s_q, D), dtype, DEVICE, generator=g)
+    v_in = randn((batch, HKV, s_q, D), dtype, DEVICE, generator=g)
 
     # warm up on a side stream (JIT compilation, autotuning), as CUDA graph capture requires
     side = torch.cuda.Stream()
@@ -404,7 +408,7 @@ def test_cuda_graph_decode_replayed_as_lengths_grow(s_q, dtype):
         out = fkv.attention_with_kv_cache(q_in, k_cache, v_cache, lens, k_in, v_in)
 
     checked = 0
-    for i, inc in enumerate(length_schedule(START_LENS, 4000, g)):
+    for i, inc in enumerate(length_schedule(start, 4000, g)):
         refill(g, q_in, k_in, v_in)
         check = i < 3 or i % 7 == 0 or int(lens.min()) > 3900
         if check:
