@@ -35,6 +35,13 @@ One wave of programs launched early (contiguous caches and 16-bit pools) gets ke
 enough that each program takes a whole SM; each then starts as the program before it on that SM
 ends, and asks the L2 for its first block before the wait on the previous kernel.
 
+Where whole splits cannot spread the (sequence, KV head) groups of a contiguous cache evenly
+over the SMs (`_key_balanced`: one split leaving SMs idle, split grids of a wave and a fraction,
+groups just past one wave), stage 1 is `_decode_balanced_kernel` instead: one such whole-SM
+program per SM, each taking an equal share of all groups' key blocks in group order (a share
+may end one group and start the next), one partial result per piece; stage 2 finds each
+group's pieces from the same arithmetic.
+
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
 device-side length, so work is proportional to the tokens each sequence holds.
