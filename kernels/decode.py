@@ -128,6 +128,16 @@ def _packed_query(Q, b, kv_h, group_size, seqlen_q, stride_q_b, stride_q_h, stri
 
 
 @triton.jit
+def _whole_blocks_end(lo, hi, diag, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The end of the whole key blocks from ``lo`` that every packed row sees entirely: ``hi``
+    (causal: no further than the last row's diagonal ``diag``) rounded down to a block from lo."""
+    full_hi = hi
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, diag + 1)
+    return lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
 def _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_q_heads, seqlen_q, num_splits,
                    split, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store one split's normalised rows ``out`` [BLOCK_M, BLOCK_D] and their log-sum-exp ``lse`` as
@@ -382,10 +392,7 @@ def _decode_split_kernel(
         new_lo = tl.load(KeyEnd + b)
         cache_hi = tl.maximum(tl.minimum(hi, new_lo), lo)
         cache_end = tl.minimum(key_end, new_lo)
-    full_hi = cache_hi
-    if CAUSAL:
-        full_hi = tl.minimum(full_hi, diag + 1)
-    full_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
+    full_hi = _whole_blocks_end(lo, cache_hi, diag, CAUSAL, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -548,10 +555,7 @@ def _decode_balanced_kernel(
                 cache_end = tl.minimum(key_end, new_lo)
             unmasked_hi = cache_hi
             if not ONE_LOOP:
-                full_hi = cache_hi
-                if CAUSAL:
-                    full_hi = tl.minimum(full_hi, diag + 1)
-                unmasked_hi = lo + tl.maximum(full_hi - lo, 0) // BLOCK_N * BLOCK_N
+                unmasked_hi = _whole_blocks_end(lo, cache_hi, diag, CAUSAL, BLOCK_N)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -181,17 +181,27 @@ def test_decode_with_the_split_counts_gpus_pick(monkeypatch, num_splits, s_q, wi
         return dict(real(*args), NUM_SPLITS=num_splits)
 
     monkeypatch.setattr(decode, "_config", config)
+    run_and_check(*uneven_decode_case(s_q, with_new, torch.float32, num_splits * 10 + s_q),
+                  what=f"splits={num_splits} s_q={s_q}")
+
+
+def uneven_decode_case(s_q, with_new, dtype, seed, nan_past_lengths=False):
+    """(q, k_cache, v_cache, cache_seqlens, k, v) of four sequences (empty, one token, mid-block,
+    nearly full) of 8 query and 2 KV heads of 16, capacity 1024; k, v None unless ``with_new``;
+    ``nan_past_lengths``: NaN in every slot no sequence holds."""
     lens = [0, 1, 129, 1019 - s_q]
-    g = torch.Generator().manual_seed(num_splits * 10 + s_q)
+    g = torch.Generator().manual_seed(seed)
     d, hkv, hq = 16, 2, 8
-    k_cache, v_cache = make_cache(len(lens), hkv, 1024, d, torch.float32, g)
-    q = randn((len(lens), hq, s_q, d), torch.float32, generator=g)
+    k_cache, v_cache = make_cache(len(lens), hkv, 1024, d, dtype, g)
+    if nan_past_lengths:
+        for b, n in enumerate(lens):
+            k_cache[b, :, n:] = v_cache[b, :, n:] = float("nan")
+    q = randn((len(lens), hq, s_q, d), dtype, generator=g)
     k = v = None
     if with_new:
-        k = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
-        v = randn((len(lens), hkv, s_q, d), torch.float32, generator=g)
-    run_and_check(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v,
-                  what=f"splits={num_splits} s_q={s_q}")
+        k = randn((len(lens), hkv, s_q, d), dtype, generator=g)
+        v = randn((len(lens), hkv, s_q, d), dtype, generator=g)
+    return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v
 
 
 @pytest.mark.parametrize("programs", [3, 8, 13])
@@ -214,18 +224,8 @@ def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, wi
             return kernel[grid]
 
     monkeypatch.setattr(decode, "_decode_balanced_kernel", Recorder())
-    lens = [0, 1, 129, 1019 - s_q]
-    g = torch.Generator().manual_seed(programs * 10 + s_q)
-    d, hkv, hq = 16, 2, 8
-    k_cache, v_cache = make_cache(len(lens), hkv, 1024, d, torch.float16, g)
-    for b, n in enumerate(lens):  # slots no sequence holds: NaN, which no share may read
-        k_cache[b, :, n:] = v_cache[b, :, n:] = float("nan")
-    q = randn((len(lens), hq, s_q, d), torch.float16, generator=g)
-    k = v = None
-    if with_new:
-        k = randn((len(lens), hkv, s_q, d), torch.float16, generator=g)
-        v = randn((len(lens), hkv, s_q, d), torch.float16, generator=g)
-    run_and_check(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v,
+    # NaN in every slot no sequence holds, which no share may read
+    run_and_check(*uneven_decode_case(s_q, with_new, torch.float16, programs * 10 + s_q, nan_past_lengths=True),
                   what=f"programs={programs} s_q={s_q}")
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
         assert launches == [(programs,)]
