@@ -969,11 +969,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     smem = _smem_per_sm(q.device.index or 0) if early_hint else 0
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
                   head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem, DECODE_BALANCED_WAVES,
-                  DECODE_WAVE_TILES, DECODE_KEY_BALANCED)
+                  DECODE_WAVE_TILES, DECODE_KEY_BALANCED and key_start is None)
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
-    # contiguous caches with no key start: stage 1 may share all key blocks out evenly (`_config`)
-    balanced = cfg.pop("BALANCED", 0) if not paged and key_start is None else 0
+    # stage 1 may share all key blocks out evenly (`_config`: contiguous caches, no key start)
+    balanced = 0 if paged or key_start is not None else cfg.pop("BALANCED", 0)
+    cfg.pop("BALANCED", None)
     if balanced:
         num_splits = _balanced_pieces(balanced, batch * num_kv_heads)
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)

@@ -231,6 +231,35 @@ def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, wi
         assert launches == [(programs,)]
 
 
+def test_key_ranges_keep_the_split_kernel_where_keys_would_be_shared_out(monkeypatch):
+    # Shares start at key 0: a few-token call with key ranges (left-padded batches) runs the
+    # split kernel even where the configuration asks for the key-balanced one.
+    from flashkv_ops.kernels import decode
+
+    real = decode._config
+    monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), BALANCED=3))
+    balanced = []
+    kernel = decode._decode_balanced_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            balanced.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(decode, "_decode_balanced_kernel", Recorder())
+    g = torch.Generator().manual_seed(5)
+    q = randn((3, 8, 2, 16), torch.float16, generator=g)
+    k = randn((3, 2, 96, 16), torch.float16, generator=g)
+    v = randn((3, 2, 96, 16), torch.float16, generator=g)
+    key_start = torch.tensor([0, 7, 40], dtype=torch.int32)
+    key_end = torch.tensor([96, 50, 41], dtype=torch.int32)
+    out = fkv.attention_with_key_ranges(q, k, v, key_start, key_end)
+    ranges = dict(causal=True, key_start=key_start.tolist(), key_end=key_end.tolist())
+    assert_close_to_ref(out, attention_ref(q, k, v, **ranges), lowp_attention_torch(q, k, v, **ranges),
+                        what="key ranges")
+    assert balanced == []
+
+
 def test_key_balanced_decode_where_splits_cannot_spread_the_groups():
     from flashkv_ops.kernels.decode import _config, _key_balanced
 
