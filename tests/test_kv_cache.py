@@ -204,13 +204,9 @@ def uneven_decode_case(s_q, with_new, dtype, seed, nan_past_lengths=False):
     return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), k, v
 
 
-@pytest.mark.parametrize("programs", [3, 8, 13])
-@pytest.mark.parametrize("s_q,with_new", [(1, False), (1, True), (4, True)])
-def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, with_new):
-    # Contiguous caches just past one wave of (sequence, KV head) groups: stage 1 shares every
-    # group's key blocks out over a fixed number of programs, whose shares cross group boundaries
-    # (3 programs for 8 groups: up to four groups each) or cut a group in pieces (13), and the
-    # merge finds each group's pieces. Forced here, with empty, one-token and uneven lengths.
+def force_key_balanced(monkeypatch, programs):
+    """Make every decode configuration ask for the key-balanced kernel over ``programs`` programs;
+    returns the list of that kernel's launch grids, filled as the test runs."""
     from flashkv_ops.kernels import decode
 
     real = decode._config
@@ -224,6 +220,17 @@ def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, wi
             return kernel[grid]
 
     monkeypatch.setattr(decode, "_decode_balanced_kernel", Recorder())
+    return launches
+
+
+@pytest.mark.parametrize("programs", [3, 8, 13])
+@pytest.mark.parametrize("s_q,with_new", [(1, False), (1, True), (4, True)])
+def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, with_new):
+    # Contiguous caches just past one wave of (sequence, KV head) groups: stage 1 shares every
+    # group's key blocks out over a fixed number of programs, whose shares cross group boundaries
+    # (3 programs for 8 groups: up to four groups each) or cut a group in pieces (13), and the
+    # merge finds each group's pieces. Forced here, with empty, one-token and uneven lengths.
+    launches = force_key_balanced(monkeypatch, programs)
     # NaN in every slot no sequence holds, which no share may read
     run_and_check(*uneven_decode_case(s_q, with_new, torch.float16, programs * 10 + s_q, nan_past_lengths=True),
                   what=f"programs={programs} s_q={s_q}")
@@ -234,19 +241,7 @@ def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, wi
 def test_key_ranges_keep_the_split_kernel_where_keys_would_be_shared_out(monkeypatch):
     # Shares start at key 0: a few-token call with key ranges (left-padded batches) runs the
     # split kernel even where the configuration asks for the key-balanced one.
-    from flashkv_ops.kernels import decode
-
-    real = decode._config
-    monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), BALANCED=3))
-    balanced = []
-    kernel = decode._decode_balanced_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            balanced.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(decode, "_decode_balanced_kernel", Recorder())
+    balanced = force_key_balanced(monkeypatch, 3)
     g = torch.Generator().manual_seed(5)
     q = randn((3, 8, 2, 16), torch.float16, generator=g)
     k = randn((3, 2, 96, 16), torch.float16, generator=g)
