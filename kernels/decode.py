@@ -495,6 +495,7 @@ def _decode_balanced_kernel(
     Q, K, V, KDesc, VDesc,  # contiguous caches; TMA descriptors of K and V when TMA (else unused)
     PartialOut, PartialLse, KeyEnd,
     num_groups,  # batch * num_kv_heads
+    num_pieces,  # partial results per group in the buffers (`_balanced_pieces`)
     num_kv_heads, group_size, seqlen_q, key_capacity, key_end_offset, qk_scale,
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
@@ -577,8 +578,7 @@ def _decode_balanced_kernel(
             out = acc / tl.where(seen, l_i, 1.0)[:, None]
             lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
             _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_kv_heads * group_size,
-                           seqlen_q, (num_programs - 1) // num_groups + 2, p - g * num_programs // num_groups,
-                           HEAD_DIM, BLOCK_D)
+                           seqlen_q, num_pieces, p - g * num_programs // num_groups, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -960,7 +960,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     causal = causal and seqlen_q > 1
     paged = block_table is not None
     append = k_new is not None
-    num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = kv_geometry(k, block_table)
+    geometry = kv_geometry(k, block_table)
+    num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = geometry
     interpret = interpreting()
     sm_count = 1 if interpret or q.device.type != "cuda" else _sm_count(q.device.index or 0)
     pdl = DECODE_PDL and not interpret and device_capability(q.device)[0] >= 9
@@ -973,8 +974,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     cfg = dict(cfg)
     num_splits = cfg.pop("NUM_SPLITS")
     # stage 1 may share all key blocks out evenly (`_config`: contiguous caches, no key start)
-    balanced = 0 if paged or key_start is not None else cfg.pop("BALANCED", 0)
-    cfg.pop("BALANCED", None)
+    balanced = cfg.pop("BALANCED", 0)
+    if paged or key_start is not None:
+        balanced = 0
     if balanced:
         num_splits = _balanced_pieces(balanced, batch * num_kv_heads)
     direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
@@ -989,11 +991,11 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     new_k, new_v = (k_new, v_new) if append else (k, v)
     merge = functools.partial(_merge, partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table,
-                              num_splits, key_capacity, scale, cfg["BLOCK_D"], causal, pdl)
+                              geometry, num_splits, scale, cfg["BLOCK_D"], causal, pdl)
     if balanced:
         _decode_balanced_kernel[(balanced,)](
             q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, dummy,
-            batch * num_kv_heads, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity,
+            batch * num_kv_heads, num_splits, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity,
             key_end_offset, scale * LOG2_E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -1125,13 +1127,14 @@ def _balanced_pieces(programs: int, groups: int) -> int:
     return (programs - 1) // groups + 2
 
 
-def _merge(partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table, num_splits, key_capacity,
-           scale, block_d, causal, pdl, append, balanced_programs=0, balanced_groups=1):
-    """Launch stage 2 over ``num_splits`` partial results per row (``append``: scoring this step's
-    tokens and writing them into the cache too; ``balanced_programs``: the partial results of
-    `_decode_balanced_kernel`, which shared out ``balanced_groups`` groups)."""
+def _merge(partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table, geometry, num_splits, scale,
+           block_d, causal, pdl, append, balanced_programs=0, balanced_groups=1):
+    """Launch stage 2 over ``num_splits`` partial results per row (``geometry``: `kv_geometry` of
+    the cache; ``append``: scoring this step's tokens and writing them into the cache too;
+    ``balanced_programs``: the partial results of `_decode_balanced_kernel`, which shared out
+    ``balanced_groups`` groups)."""
     batch, num_q_heads, seqlen_q, head_dim = q.shape
-    num_pages, page_size, max_pages_per_seq, _, stride_bt_b = kv_geometry(k, block_table)
+    num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = geometry
     paged = block_table is not None
     seqlen_new = new_k.shape[2]
     _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
