@@ -253,3 +253,20 @@ def bit_equal(a, b):
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def record_launches(monkeypatch, module, name):
+    """Launches of the Triton kernel ``module.<name>`` while the test runs: the returned list fills
+    with one (grid, keyword arguments) pair per launch; each launch still runs the real kernel."""
+    launches = []
+    real = getattr(module, name)
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, name, Recorder())
+    return launches

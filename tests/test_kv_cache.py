@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import flashkv_ops as fkv
 from reference import (assert_close_to_ref, attention_ref, bit_equal, kv_cache_ref, linearize,
-                       lowp_attention_torch, max_err, randn)
+                       lowp_attention_torch, max_err, randn, record_launches)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GQA_RATIOS = [1, 2, 4, 7, 8]
@@ -206,21 +206,12 @@ def uneven_decode_case(s_q, with_new, dtype, seed, nan_past_lengths=False):
 
 def force_key_balanced(monkeypatch, programs):
     """Make every decode configuration ask for the key-balanced kernel over ``programs`` programs;
-    returns the list of that kernel's launch grids, filled as the test runs."""
+    returns that kernel's launches (`record_launches`), filled as the test runs."""
     from flashkv_ops.kernels import decode
 
     real = decode._config
     monkeypatch.setattr(decode, "_config", lambda *args: dict(real(*args), BALANCED=programs))
-    launches = []
-    kernel = decode._decode_balanced_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(decode, "_decode_balanced_kernel", Recorder())
-    return launches
+    return record_launches(monkeypatch, decode, "_decode_balanced_kernel")
 
 
 @pytest.mark.parametrize("programs", [3, 8, 13])
@@ -235,7 +226,7 @@ def test_decode_with_key_blocks_shared_out_evenly(monkeypatch, programs, s_q, wi
     run_and_check(*uneven_decode_case(s_q, with_new, torch.float16, programs * 10 + s_q, nan_past_lengths=True),
                   what=f"programs={programs} s_q={s_q}")
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
-        assert launches == [(programs,)]
+        assert [grid for grid, _ in launches] == [(programs,)]
 
 
 def test_key_ranges_keep_the_split_kernel_where_keys_would_be_shared_out(monkeypatch):

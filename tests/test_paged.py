@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import flashkv_ops as fkv
 from reference import (assert_close_to_ref, bit_equal, build_paged, gather_pages, kv_cache_ref, linearize,
-                       lowp_attention_torch, max_err, randn)
+                       lowp_attention_torch, max_err, randn, record_launches)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PROPERTY = settings(deadline=None, max_examples=15, print_blob=True,
@@ -133,21 +133,10 @@ def test_paged_nan_garbage_in_partial_pages_does_not_leak(s_q):
 
 @pytest.fixture
 def split_launches(monkeypatch):
-    """The keyword arguments of every decode split-kernel launch while the test runs."""
+    """(grid, keyword arguments) of every decode split-kernel launch while the test runs."""
     from flashkv_ops.kernels import decode
 
-    launches = []
-    real = decode._decode_split_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(decode, "_decode_split_kernel", Recorder())
-    return launches
+    return record_launches(monkeypatch, decode, "_decode_split_kernel")
 
 
 @pytest.mark.parametrize("path", ["scored", "write_first", "write_first_table", "new_rows", "deep_pipeline"])
@@ -186,10 +175,10 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_
         paged_first = can and dtype != torch.float32 and not new_rows and path != "deep_pipeline"
         want = {True: (paged_first, new_rows, paged_first and path == "write_first"),
                 False: (can and num_splits == 1, False, False)}
-        assert {kw["PAGED"] for kw in split_launches} == {True, False}
+        assert {kw["PAGED"] for _, kw in split_launches} == {True, False}
         assert all((kw["WRITE_FIRST"], kw["NEW_ROWS"], kw["SLOT_PAGES"] > 0) == want[kw["PAGED"]]
-                   for kw in split_launches), \
-            [(kw["PAGED"], kw["WRITE_FIRST"], kw["NEW_ROWS"], kw["SLOT_PAGES"]) for kw in split_launches]
+                   for _, kw in split_launches), \
+            [(kw["PAGED"], kw["WRITE_FIRST"], kw["NEW_ROWS"], kw["SLOT_PAGES"]) for _, kw in split_launches]
 
 
 @pytest.mark.parametrize("page_size", [4, 8, 16])
@@ -232,7 +221,7 @@ def test_paged_decode_second_block_entries_read_with_the_lengths(monkeypatch, sp
                 with_new=with_new, extra_pages=3, extra_columns=0, garbage="nan", seed=page_size + 5 * s_q)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
-        paged = [kw for kw in split_launches if kw["PAGED"]]
+        paged = [kw for _, kw in split_launches if kw["PAGED"]]
         assert paged and all(kw["GUESS_NEXT"] for kw in paged), "the second block's entries were not guessed"
 
 
