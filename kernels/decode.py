@@ -26,14 +26,18 @@ Paged pools gather K/V rows through the block table, which stage 1 reads one key
 of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue each block's copies
 stages early instead of waiting on the table; the table lines of each program's slice are asked
 of the L2 before the wait on the previous kernel, and the entries of its first block (of its
-first two, for split programs of one wave in table order) are read next to the lengths. With one
+first two, for whole-SM split programs in table order) are read next to the lengths. With one
 wave of programs at D=128, each one works out before that wait the order to visit its slice's
 pages in (ascending pool address, so all programs sweep the pool together whatever order the
 allocator left the pages in) and, after it, reads the pages in that order from a scratch row.
 
 One wave of programs launched early (contiguous caches and 16-bit pools) gets key blocks large
 enough that each program takes a whole SM; each then starts as the program before it on that SM
-ends, and asks the L2 for its first block before the wait on the previous kernel.
+ends, and asks the L2 for its first block before the wait on the previous kernel (so do programs
+past one wave that take a whole SM). Bulk copies read a slice's partial last block as the block
+ending at the slice's end, inside the slice's one pipelined loop (``SHIFT_TAIL``): with one wave
+of programs always, past one wave at D <= 64 in 64-key blocks only when the last block is
+partial (a second compiled loop, unmasked, takes slices of whole blocks).
 
 Where whole splits cannot spread the (sequence, KV head) groups of a contiguous cache evenly
 over the SMs (`_key_balanced`: one split leaving SMs idle, split grids of a wave and a fraction,
@@ -218,6 +222,7 @@ def _decode_split_kernel(
     WRITE_FIRST: tl.constexpr,
     NEW_ROWS: tl.constexpr,
     SLOT_PAGES: tl.constexpr,
+    TAIL_BRANCH: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -440,7 +445,18 @@ def _decode_split_kernel(
     for MASKED in tl.static_range(1 if ONE_LOOP else 2):
         seg_lo = lo
         seg_hi = unmasked_hi
-        if MASKED:
+        if TAIL_BRANCH:
+            # Bulk copies past one wave of programs at D <= 64, 64-key blocks: a slice of whole
+            # blocks runs the unmasked loop; one whose last block is partial (lengths off a block
+            # boundary) runs instead as a single loop reading that block as the one ending at
+            # cache_hi (the SHIFT_TAIL loop, second pass here), not as a second, masked loop with
+            # its own pipeline fill. Both loops are compiled and one runs: the shifted one on every
+            # slice pays its scores' tile at full length (H100, NOTES.md twenty-eighth round).
+            if MASKED:
+                seg_hi = tl.where(full_hi < cache_hi, cache_hi, lo)
+            else:
+                seg_hi = tl.where(full_hi < cache_hi, lo, cache_hi)
+        elif MASKED:
             # the first of this program's blocks at or after unmasked_hi: unmasked_hi itself when
             # the blocks are consecutive. The rounding is compiled for interleaved programs only:
             # a no-op elsewhere, it still made Triton 3.6 schedule the paged kernel 1.6 us slower
@@ -455,8 +471,9 @@ def _decode_split_kernel(
                 acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, table_row, stride_k_b, stride_k_s, stride_v_b,
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 seg_lo, seg_hi, qk_scale,
-                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1, PAGED, DOT_PRECISION, TMA, SHARED_ROWS, WIDE_ROWS,
-                TABLE_AHEAD, ONE_LOOP, guess_lo, guessed_pages, USE_GUESS, stride_blocks, guessed_next,
+                HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1 and not TAIL_BRANCH, PAGED, DOT_PRECISION, TMA,
+                SHARED_ROWS, WIDE_ROWS, TABLE_AHEAD, ONE_LOOP or (TAIL_BRANCH and MASKED == 1), guess_lo,
+                guessed_pages, USE_GUESS, stride_blocks, guessed_next,
                 USE_GUESS and GUESS_NEXT, BIAS_MASK, new_lo if APPEND and NEW_ROWS else 0,
                 KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h,
                 VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h,
@@ -829,6 +846,12 @@ DECODE_TABLE_PREFETCH = True
 # Bulk copies: a partial last block read as the whole block ending at the slice's end, in the
 # main pipelined loop (one pipeline, not a second masked loop)
 DECODE_SHIFT_TAIL = True
+# Bulk copies past one wave of programs at D <= 64 in 64-key blocks: a slice whose last block is
+# partial runs as one loop reading that block as the one ending at the slice's end (SHIFT_TAIL), a
+# slice of whole blocks unmasked; both loops compiled, one run (`_decode_split_kernel`'s
+# TAIL_BRANCH). H100, lengths off a block boundary, 160-288 programs: 0.4-0.9 us faster (20x32/8x2048x64
+# 84.7 -> 86.9% of 3.0 TB/s); whole blocks level to 0.1 slower (NOTES.md twenty-eighth round)
+DECODE_TAIL_BRANCH = True
 # Contiguous caches with splits: split s takes key blocks s, s + splits, ... instead of one slice
 # (paged pools keep slices: interleaved blocks measured slower there, NOTES.md)
 DECODE_INTERLEAVED = True
@@ -840,6 +863,10 @@ DECODE_SORT_PAGES = True
 # program take a whole SM, and every program asks the L2 for its first block before the wait on
 # the kernel before it (else split 0 asks after it)
 DECODE_EARLY_PREFETCH = True
+# ... and past one wave of programs too, where they take a whole SM (16-bit pools at D=128, 136-512
+# programs: 0.4-1.1 us faster on the H100; contiguous caches and D=64 pools level, NOTES.md
+# twenty-eighth round): each asks for its first block as it starts, before its wait
+DECODE_EARLY_PAST_WAVE = True
 # Paged 16-bit pools at D <= 64 read a block ahead, no causal diagonal: the masked loop (a slice whose
 # last block is partial, as at most lengths) hides keys past the length by the tile the dot starts
 # from, not by a select after it (H100, 8x32/4x8192x64 appending step 26.5 -> 26.3 us; 0.6-0.9 us
@@ -1054,8 +1081,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     early_wave = pdl and fits_sms  # and launched early
     early = paged and cfg["TABLE_AHEAD"] and (interpret or early_wave)
     # programs that take a whole SM start as the ones before them end: each asks the L2 for its
-    # first block before the wait (contiguous caches, and pools read a block ahead)
-    early_prefetch = (early_hint and early_wave and (not paged or cfg["TABLE_AHEAD"])
+    # first block before the wait (contiguous caches, and pools read a block ahead; one wave of
+    # programs, or more with DECODE_EARLY_PAST_WAVE)
+    early_prefetch = (early_hint and (early_wave or DECODE_EARLY_PAST_WAVE) and (not paged or cfg["TABLE_AHEAD"])
                       and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
     # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
     # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
@@ -1105,6 +1133,11 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
         # programs: 179 -> 209 us)
         SHIFT_TAIL=DECODE_SHIFT_TAIL and fits_sms,
+        # past one wave at D <= 64 with 64-key blocks (`_config`'s wave tiles): whole slices
+        # unmasked, a partial last block as the shifted loop (with 128-key blocks, 512 programs,
+        # both loops compiled cost 2.5 us at every length, NOTES.md twenty-eighth round)
+        TAIL_BRANCH=(DECODE_TAIL_BRANCH and descriptors is not None and not fits_sms and key_start is None
+                     and cfg["BLOCK_D"] <= 64 and cfg["BLOCK_N"] <= 64),
         TABLE_GUESS=DECODE_TABLE_GUESS,
         INTERLEAVED=interleaved,
         SORT_PAGES=sort_pages,

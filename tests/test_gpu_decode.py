@@ -194,20 +194,34 @@ def test_gpu_decode_grids_splits_cannot_spread(shape, paged, s_q):
     check_uneven_grid(shape, paged, s_q)
 
 
-def check_uneven_grid(shape, paged, s_q):
+@pytest.mark.parametrize("shape", [(20, 32, 8, 64), (32, 32, 8, 64), (40, 32, 4, 64), (64, 32, 8, 64)])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("s_q", [1, 4])
+def test_gpu_decode_past_one_wave_reading_only(shape, paged, s_q):
+    # No new tokens: lengths off a block boundary end a slice in a partial block, which bulk
+    # copies past one wave at D=64 read as the block ending at the slice end (the shifted loop)
+    # and whole-block slices unmasked; 160-512 programs, one split, 64- and 128-key blocks.
+    check_uneven_grid(shape, paged, s_q, with_new=False)
+
+
+def check_uneven_grid(shape, paged, s_q, with_new=True):
     """Decode against the reference with uneven lengths (full, empty, mid-block), this step's
-    tokens appended, NaN in every slot no sequence holds."""
+    tokens appended (``with_new``), NaN in every slot no sequence holds."""
     b, hq, hkv, d = shape
     s_max, dt = 2048, torch.bfloat16 if s_q > 1 else torch.float16
     g = torch.Generator().manual_seed(b + d + s_q)
     lens_list = torch.randint(1, s_max - s_q, (b,), generator=g).tolist()
     lens_list[:3] = [s_max - s_q, 0, 1000]
+    if not with_new:
+        # every query sees a key; one sequence full, one a block and one key long
+        lens_list[:3] = [s_max, 65, 1001]
+        lens_list = [max(n, s_q) for n in lens_list]
     k_cache = randn((b, hkv, s_max, d), dt, generator=g)
     v_cache = randn((b, hkv, s_max, d), dt, generator=g)
     table = None
     if paged:
         k_cache, v_cache, table = build_paged(k_cache, v_cache, lens_list, s_q, 16, g, extra_pages=3,
-                                              garbage="nan")
+                                              with_new=with_new, garbage="nan")
         table = table.to(DEVICE)
     else:
         for i, n in enumerate(lens_list):
@@ -215,13 +229,13 @@ def check_uneven_grid(shape, paged, s_q):
             v_cache[i, :, n:] = float("nan")
     k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
     q = randn((b, hq, s_q, d), dt, DEVICE, generator=g)
-    k = randn((b, hkv, s_q, d), dt, DEVICE, generator=g)
-    v = randn((b, hkv, s_q, d), dt, DEVICE, generator=g)
+    k = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
+    v = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
     lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
     want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k, v, block_table=table)
     out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v, block_table=table)
     assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
-    total = [n + s_q for n in lens_list]
+    total = [n + (s_q if with_new else 0) for n in lens_list]
     assert_close_to_ref(out, want, _lowp_kv_ref(q, want_k, want_v, total, True, table),
                         what=f"{shape} paged={paged} lens {lens_list[:6]}")
 
