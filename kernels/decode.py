@@ -849,8 +849,9 @@ DECODE_SHIFT_TAIL = True
 # Bulk copies past one wave of programs at D <= 64 in 64-key blocks: a slice whose last block is
 # partial runs as one loop reading that block as the one ending at the slice's end (SHIFT_TAIL), a
 # slice of whole blocks unmasked; both loops compiled, one run (`_decode_split_kernel`'s
-# TAIL_BRANCH). H100, lengths off a block boundary, 160-288 programs: 0.4-0.9 us faster (20x32/8x2048x64
-# 84.7 -> 86.9% of 3.0 TB/s); whole blocks level to 0.1 slower (NOTES.md twenty-eighth round)
+# TAIL_BRANCH). H100, lengths off a block boundary, 160-256 programs: 0.4-0.9 us faster
+# (20x32/8x2048x64 84.7 -> 86.9% of 3.0 TB/s); whole blocks level to 0.15 slower (NOTES.md
+# twenty-eighth round)
 DECODE_TAIL_BRANCH = True
 # Contiguous caches with splits: split s takes key blocks s, s + splits, ... instead of one slice
 # (paged pools keep slices: interleaved blocks measured slower there, NOTES.md)
@@ -864,7 +865,7 @@ DECODE_SORT_PAGES = True
 # the kernel before it (else split 0 asks after it)
 DECODE_EARLY_PREFETCH = True
 # ... and past one wave of programs too, where they take a whole SM (16-bit pools at D=128, 136-512
-# programs: 0.4-1.1 us faster on the H100; contiguous caches and D=64 pools level, NOTES.md
+# programs: 0.4-1.4 us faster on the H100; contiguous caches and D=64 pools level, NOTES.md
 # twenty-eighth round): each asks for its first block as it starts, before its wait
 DECODE_EARLY_PAST_WAVE = True
 # Paged 16-bit pools at D <= 64 read a block ahead, no causal diagonal: the masked loop (a slice whose
