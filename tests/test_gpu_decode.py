@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashkv_ops as fkv
-from reference import (assert_close_to_ref, attention_ref, bit_equal, build_paged, kv_cache_ref, linearize,
-                       lowp_attention_torch, max_err, randn)
+from reference import (assert_close_to_ref, attention_ref, bit_equal, kv_cache_ref, linearize, lowp_attention_torch,
+                       lowp_kv_ref, max_err, randn)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -30,12 +30,6 @@ HEAD_DIMS = [64, 80, 96, 128, 256]
 HEADS = [(32, 8), (28, 4), (8, 1), (32, 32), (40, 8), (12, 2), (16, 16)]
 GPU_PROPERTY = settings(deadline=None, max_examples=25, print_blob=True,
                         suppress_health_check=[HealthCheck.too_slow])
-
-
-def _lowp_kv_ref(q, want_k, want_v, total, causal, block_table=None):
-    k_lin, v_lin = linearize(want_k, want_v, total, block_table)
-    return lowp_attention_torch(q, k_lin, v_lin, causal=causal, key_start=[0] * q.shape[0],
-                                key_end=total)
 
 
 # -- property suite at real sizes ----------------------------------------------------------------
@@ -103,141 +97,8 @@ def test_gpu_kv_cache_real_sizes(case):
     assert torch.equal(lens, lens0)
     assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v), str(case)
     total = [n + (s_q if k is not None else 0) for n in case["lens"]]
-    lowp = _lowp_kv_ref(q, want_k, want_v, total, case["causal"])
+    lowp = lowp_kv_ref(q, want_k, want_v, total, case["causal"])
     assert_close_to_ref(out, want, lowp, what=str(case))
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("s_q, with_new", [(1, True), (1, False), (4, True), (4, False)])
-@pytest.mark.parametrize("s_max", [4096, 16384])
-def test_gpu_partial_last_block_with_nan_past_the_lengths(head_dim, s_q, with_new, s_max):
-    # Bulk copies read a slice's partial last block as the whole block ending at the slice end
-    # (from before key 0 when the sequence is shorter than a block): lengths shorter than a block,
-    # one off block boundaries, uneven over the splits (14 sequence-heads: several splits on an
-    # H100), NaN in every slot past them; causal multi-token queries see the diagonal. At 16384
-    # slots the blocks are the ones that take a whole SM (the first asked of the L2 before the wait)
-    b, hq, hkv, dt = 7, 16, 2, torch.float16
-    g = torch.Generator().manual_seed(head_dim * 10 + s_q)
-    lens_list = [0, 1, 2, 63, 129, 1153, s_max - s_q] if with_new else [s_q, s_q + 1, 63, 127, 129, 1153, s_max]
-    d = head_dim
-    k_cache = randn((b, hkv, s_max, d), dt, DEVICE, generator=g)
-    v_cache = randn((b, hkv, s_max, d), dt, DEVICE, generator=g)
-    for i, n in enumerate(lens_list):
-        k_cache[i, :, n:] = float("nan")
-        v_cache[i, :, n:] = float("nan")
-    q = randn((b, hq, s_q, d), dt, DEVICE, generator=g)
-    k = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
-    v = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
-    lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
-    want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k, v)
-    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v)
-    assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
-    total = [n + (s_q if with_new else 0) for n in lens_list]
-    assert_close_to_ref(out, want, _lowp_kv_ref(q, want_k, want_v, total, True), what=f"lens {lens_list}")
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("shape", [(7, 16, 2), (16, 8, 8)])
-@pytest.mark.parametrize("s_q, with_new, causal", [(1, True, True), (1, False, True), (4, True, False),
-                                                   (4, True, True)])
-def test_gpu_paged_partial_blocks_with_nan_past_the_lengths(head_dim, shape, s_q, with_new, causal):
-    # Paged pools (random page order, page_size 16) hide the keys past a length inside a slice's
-    # partial last block, by the tile the dot starts from at D=64 (no causal diagonal) and by a
-    # select elsewhere, while the rows were loaded masked: NaN in every slot past the lengths and
-    # in the spare pages must not leak (table entries past a sequence's pages are -1). 14
-    # sequence-heads get several splits on an H100, 128 one.
-    b, hq, hkv = shape
-    s_max, dt = 2048, torch.float16
-    g = torch.Generator().manual_seed(head_dim + 10 * s_q + b)
-    lens_list = ([0, 1, 17, 255, 257, 1153, s_max - s_q] * 3)[:b]
-    if not with_new:
-        lens_list = [max(n, s_q) for n in lens_list]
-    k_cache = randn((b, hkv, s_max, head_dim), dt, generator=g)
-    v_cache = randn((b, hkv, s_max, head_dim), dt, generator=g)
-    k_pages, v_pages, table = (t.to(DEVICE) for t in build_paged(
-        k_cache, v_cache, lens_list, s_q, 16, g, extra_pages=5, with_new=with_new, garbage="nan"))
-    q = randn((b, hq, s_q, head_dim), dt, DEVICE, generator=g)
-    k = randn((b, hkv, s_q, head_dim), dt, DEVICE, generator=g) if with_new else None
-    v = randn((b, hkv, s_q, head_dim), dt, DEVICE, generator=g) if with_new else None
-    lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
-    want, want_k, want_v = kv_cache_ref(q, k_pages, v_pages, lens, k, v, causal=causal, block_table=table)
-    out = fkv.attention_with_kv_cache(q, k_pages, v_pages, lens, k, v, causal=causal, block_table=table)
-    assert bit_equal(k_pages, want_k) and bit_equal(v_pages, want_v)
-    total = [n + (s_q if with_new else 0) for n in lens_list]
-    assert_close_to_ref(out, want, _lowp_kv_ref(q, want_k, want_v, total, causal, table),
-                        what=f"lens {lens_list}")
-
-
-@pytest.mark.parametrize("shape", [(17, 32, 8, 128), (28, 32, 8, 128), (18, 32, 8, 64), (20, 32, 8, 64),
-                                   (32, 32, 8, 64), (36, 32, 8, 64), (8, 32, 32, 96)])
-@pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("s_q", [1, 4])
-def test_gpu_decode_grids_past_one_wave(shape, paged, s_q):
-    # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 at D=128 and 144 at
-    # D=64 get their key blocks shared out over 132 programs on contiguous caches, three splits
-    # (D=128) or one (D=64) on a pool; 224 at D=128 one split (on a pool, writing the new tokens
-    # first into the pages picked out of the table row); at D=64 one split of 64-key blocks: 160
-    # contiguous with four stages (on a pool 128-key blocks), 256 on a pool with four stages
-    # (scoring one new token apart), 256 contiguous and 288 with three; 256 at D=96 (no group),
-    # contiguous, pointer loads of 128-key blocks.
-    check_uneven_grid(shape, paged, s_q)
-
-
-@pytest.mark.parametrize("shape", [(12, 32, 8, 128), (12, 32, 8, 64), (7, 28, 4, 128), (9, 32, 8, 128)])
-@pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("s_q", [1, 4])
-def test_gpu_decode_grids_splits_cannot_spread(shape, paged, s_q):
-    # Fewer (sequence, KV head) groups than SMs that whole splits spread badly over an H100's 132
-    # SMs: 96 groups (one split: 73% of the SMs), 28 and 72 (nine and three splits: 1.9 and 1.6
-    # waves). Contiguous caches share their key blocks out over 132 programs (a program's share
-    # crossing into the next group, or up to six programs on one group); pools keep the splits.
-    check_uneven_grid(shape, paged, s_q)
-
-
-@pytest.mark.parametrize("shape", [(20, 32, 8, 64), (32, 32, 8, 64), (40, 32, 4, 64), (64, 32, 8, 64)])
-@pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("s_q", [1, 4])
-def test_gpu_decode_past_one_wave_reading_only(shape, paged, s_q):
-    # No new tokens: lengths off a block boundary end a slice in a partial block, which bulk
-    # copies past one wave at D=64 read as the block ending at the slice end (the shifted loop)
-    # and whole-block slices unmasked; 160-512 programs, one split, 64- and 128-key blocks.
-    check_uneven_grid(shape, paged, s_q, with_new=False)
-
-
-def check_uneven_grid(shape, paged, s_q, with_new=True):
-    """Decode against the reference with uneven lengths (full, empty, mid-block), this step's
-    tokens appended (``with_new``), NaN in every slot no sequence holds."""
-    b, hq, hkv, d = shape
-    s_max, dt = 2048, torch.bfloat16 if s_q > 1 else torch.float16
-    g = torch.Generator().manual_seed(b + d + s_q)
-    lens_list = torch.randint(1, s_max - s_q, (b,), generator=g).tolist()
-    lens_list[:3] = [s_max - s_q, 0, 1000]
-    if not with_new:
-        # every query sees a key; one sequence full, one a block and one key long
-        lens_list[:3] = [s_max, 65, 1001]
-        lens_list = [max(n, s_q) for n in lens_list]
-    k_cache = randn((b, hkv, s_max, d), dt, generator=g)
-    v_cache = randn((b, hkv, s_max, d), dt, generator=g)
-    table = None
-    if paged:
-        k_cache, v_cache, table = build_paged(k_cache, v_cache, lens_list, s_q, 16, g, extra_pages=3,
-                                              with_new=with_new, garbage="nan")
-        table = table.to(DEVICE)
-    else:
-        for i, n in enumerate(lens_list):
-            k_cache[i, :, n:] = float("nan")
-            v_cache[i, :, n:] = float("nan")
-    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
-    q = randn((b, hq, s_q, d), dt, DEVICE, generator=g)
-    k = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
-    v = randn((b, hkv, s_q, d), dt, DEVICE, generator=g) if with_new else None
-    lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
-    want, want_k, want_v = kv_cache_ref(q, k_cache, v_cache, lens, k, v, block_table=table)
-    out = fkv.attention_with_kv_cache(q, k_cache, v_cache, lens, k, v, block_table=table)
-    assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v)
-    total = [n + (s_q if with_new else 0) for n in lens_list]
-    assert_close_to_ref(out, want, _lowp_kv_ref(q, want_k, want_v, total, True, table),
-                        what=f"{shape} paged={paged} lens {lens_list[:6]}")
 
 
 @st.composite
@@ -281,7 +142,7 @@ def test_gpu_paged_matches_contiguous(case):
     out = fkv.attention_with_kv_cache(q, k_pages, v_pages, lens, k, v, block_table=table)
     contig = fkv.attention_with_kv_cache(q, k_lin, v_lin, lens, k, v)
     assert bit_equal(k_pages, want_kp) and bit_equal(v_pages, want_vp), str(case)
-    lowp = _lowp_kv_ref(q, want_kp, want_vp, total, True, table)
+    lowp = lowp_kv_ref(q, want_kp, want_vp, total, True, table)
     assert_close_to_ref(out, want, lowp, what=str(case))
     assert max_err(out, contig) <= (2e-3 if dt == torch.float16 else 2e-2), str(case)
 
@@ -391,7 +252,7 @@ def check_step(out, q, k_cache_before, v_cache_before, lens_before, k, v, k_cach
                                         block_table=block_table)
     assert bit_equal(k_cache, want_k) and bit_equal(v_cache, want_v), f"{what}: cache writes"
     total = [int(n) + q.shape[2] for n in lens_before]
-    lowp = _lowp_kv_ref(q, want_k, want_v, total, True, block_table)
+    lowp = lowp_kv_ref(q, want_k, want_v, total, True, block_table)
     assert_close_to_ref(out, want, lowp, what=what)
 
 
@@ -611,7 +472,7 @@ def test_paged_decode_table_rewritten_while_it_starts():
     with torch.cuda.graph(graph):
         out = step()
     want, _, _ = kv_cache_ref(q, want_k, want_v, lens)
-    lowp = _lowp_kv_ref(q, want_k, want_v, [s] * batch, True)
+    lowp = lowp_kv_ref(q, want_k, want_v, [s] * batch, True)
     for i in range(5):
         live.copy_(early)
         graph.replay()
