@@ -161,13 +161,13 @@ def linearize(k_cache, v_cache, total, block_table=None):
     return k_lin, v_lin
 
 
-
 def lowp_kv_ref(q, k_cache, v_cache, total, causal, block_table=None):
     """PyTorch's own low-precision attention of q ``[B, H_q, S_q, D]`` over the first ``total[b]``
     keys of each sequence of (possibly paged) caches, as they are after the call (`linearize`):
     the yardstick of `assert_close_to_ref` for decode."""
     k_lin, v_lin = linearize(k_cache, v_cache, total, block_table)
     return lowp_attention_torch(q, k_lin, v_lin, causal=causal, key_start=[0] * q.shape[0], key_end=total)
+
 
 def gather_pages(pages, block_table):
     """Linearise a paged cache: ``[num_pages, H, P, D]`` + table ``[B, M]`` -> ``[B, H, M*P, D]``."""
