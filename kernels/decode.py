@@ -154,6 +154,53 @@ def _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, 
 
 
 @triton.jit
+def _attend_new_tokens(acc, l_i, m_i, q, k_new, v_new, stored, rows_t, query_index, seqlen_new, seqlen_q, qk_scale,
+                       CAUSAL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold this step's tokens (`load_new_tokens`: ``k_new``, ``v_new`` [BLOCK_T, BLOCK_D], ``stored``
+    which are real) into the online-softmax state of the packed rows: one key elementwise, several
+    as one more masked key block through the tensor cores (causal: token t is visible to query
+    row i when t <= i + seqlen_new - seqlen_q)."""
+    if BLOCK_T == 1:
+        acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale)
+    else:
+        visible = stored[None, :]
+        if CAUSAL:
+            visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                    MERGE_CHUNK: tl.constexpr):
+    """Every split's partial result of the packed rows as one online-softmax state (acc, l, m).
+
+    first_partial: [BLOCK_M] index of each row's split 0 in the partial buffers. Loads bypass the
+    L1 (other SMs wrote these lines); splits are summed in index order whichever program merges.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    lse = tl.load(PartialLse + first_partial[:, None] + offs_s[None, :],
+                  mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 1)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw: weights 0, the state stays empty
+    l_i = tl.sum(tl.math.exp2(lse - m_shift[:, None]), 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for chunk in range(0, tl.cdiv(num_splits, MERGE_CHUNK)):
+        offs_c = chunk * MERGE_CHUNK + tl.arange(0, MERGE_CHUNK)
+        ok = row_ok[:, None] & (offs_c < num_splits)[None, :]
+        lse_c = tl.load(PartialLse + first_partial[:, None] + offs_c[None, :], mask=ok, other=float("-inf"),
+                        cache_modifier=".cg")
+        weight = tl.math.exp2(lse_c - m_shift[:, None])  # [BLOCK_M, MERGE_CHUNK], 0 where a split saw nothing
+        partial = tl.load(PartialOut + (first_partial[:, None, None] + offs_c[None, :, None]) * HEAD_DIM
+                          + offs_d[None, None, :],
+                          mask=ok[:, :, None] & (offs_d < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(partial * weight[:, :, None], 1)
+    return acc, l_i, m
+
+
+@triton.jit
 def _decode_split_kernel(
     # -- pointers
     Q,
@@ -170,7 +217,10 @@ def _decode_split_kernel(
     KNew,  # APPEND with DIRECT or WRITE_FIRST: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
     VNew,
     VisitTable,  # SORT_PAGES: int32 [grid, SORT_PAGES], each program's table entries in visiting order
+    Counters,  # ZERO_COUNTERS / FUSED_MERGE: int32 [tail_groups], programs of each tail group done
     # -- sizes
+    group_base,  # the (sequence, KV head) group of grid row 0
+    tail_groups,  # ZERO_COUNTERS: the groups of the tail launch after this one
     num_kv_heads,
     group_size,
     seqlen_q,
@@ -223,9 +273,14 @@ def _decode_split_kernel(
     NEW_ROWS: tl.constexpr,
     SLOT_PAGES: tl.constexpr,
     TAIL_BRANCH: tl.constexpr,
+    WAIT_LAST: tl.constexpr,
+    ZERO_COUNTERS: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
 ):
     split = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(1) + group_base
     b = pid // num_kv_heads
     kv_h = pid % num_kv_heads
     bt_row = BlockTable + b.to(tl.int64) * stride_bt_b  # stride 0 when not PAGED
@@ -279,7 +334,14 @@ def _decode_split_kernel(
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
         # wait in its turn
-        tl.extra.cuda.gdc_wait()
+        if not WAIT_LAST:
+            tl.extra.cuda.gdc_wait()
+    if ZERO_COUNTERS:
+        # the tail launch's count of finished programs per group, zeroed before it can launch (it
+        # launches once every program here has passed the trigger below)
+        if tl.program_id(1) < tail_groups:
+            tl.atomic_xchg(Counters + tl.program_id(1), 0, sem="release", scope="gpu")
+    if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     # Paged: the table entries of this program's first block, at its slice start as if the sequence
     # were full (the lengths are being read next to them); the cache loop takes them when the guess
@@ -317,7 +379,7 @@ def _decode_split_kernel(
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
-    if APPEND and (DIRECT or WRITE_FIRST):
+    if APPEND and (DIRECT or WRITE_FIRST or FUSED_MERGE):
         # fused append with one split (after the cache loop, below): this step's tokens are loaded
         # now, so their latency hides behind the cache stream instead of adding to the kernel's tail
         # (WRITE_FIRST: they are written before the loop, next to the first table and length reads)
@@ -437,7 +499,7 @@ def _decode_split_kernel(
         if APPEND and NEW_ROWS:
             # new tokens are picked by position, which the visiting order keeps on the last page only
             sorted_ok = sorted_ok & (new_lo >= lo + cap_chunk - page_size)
-        visit_row = VisitTable + (pid * num_splits + split).to(tl.int64) * SORT_PAGES
+        visit_row = VisitTable + (tl.program_id(1) * num_splits + split).to(tl.int64) * SORT_PAGES
         tl.store(visit_row + tl.arange(0, SORT_PAGES), visit_entries, mask=tl.where(sorted_ok, slot_in, False))
         tl.debug_barrier()  # the loop's threads read entries other threads wrote
         table_row = tl.where(sorted_ok, visit_row - guess_lo // page_size, bt_row)
@@ -478,21 +540,13 @@ def _decode_split_kernel(
                 KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h,
                 VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h,
                 stride_kn_s, stride_vn_s, APPEND and NEW_ROWS)
-    if APPEND and DIRECT and not WRITE_FIRST and not NEW_ROWS:
+    if APPEND and DIRECT and not WRITE_FIRST and not NEW_ROWS and not FOLD_FIRST:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens (one token on a paged pool: before the loop, above) and
         # writes them into the cache after its own reads, as the merge kernel does when there are
         # splits.
-        if BLOCK_T == 1:
-            if not FOLD_FIRST:
-                acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, stored, qk_scale)
-        else:
-            # several tokens: one more (masked) key block through the tensor cores
-            visible = stored[None, :]
-            if CAUSAL:
-                visible = visible & (rows_t[None, :] <= query_index[:, None] + seqlen_new - seqlen_q)
-            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k_new.T, v_new, visible, qk_scale, True,
-                                                DOT_PRECISION)
+        acc, l_i, m_i = _attend_new_tokens(acc, l_i, m_i, q, k_new, v_new, stored, rows_t, query_index, seqlen_new,
+                                           seqlen_q, qk_scale, CAUSAL, BLOCK_T, DOT_PRECISION)
     if APPEND and DIRECT and not WRITE_FIRST:
         store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM, BLOCK_D)
     seen = l_i > 0.0
@@ -505,6 +559,34 @@ def _decode_split_kernel(
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_kv_heads * group_size,
                        seqlen_q, num_splits, split, HEAD_DIM, BLOCK_D)
+        if FUSED_MERGE:
+            # The last of this group's programs to end merges every split's result: all threads'
+            # partial stores are ordered before the count (a barrier, then the one thread's release),
+            # and the last one reads them past the L1 after its acquire. The counts were zeroed by
+            # the launch before this one (ZERO_COUNTERS). Appending, the new tokens are one more key
+            # block (the slices stopped before them), written into the cache here.
+            tl.debug_barrier()
+            done = tl.atomic_add(Counters + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                first_partial = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits
+                acc, l_i, m_i = _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM,
+                                                BLOCK_M, BLOCK_D, BLOCK_SPLITS, MERGE_CHUNK)
+                if APPEND and not WRITE_FIRST:
+                    acc, l_i, m_i = _attend_new_tokens(acc, l_i, m_i, q, k_new, v_new, stored, rows_t, query_index,
+                                                       seqlen_new, seqlen_q, qk_scale, CAUSAL, BLOCK_T, DOT_PRECISION)
+                    new_k_rows, new_k_ok, new_v_rows, new_v_ok = new_row_offsets(
+                        bt_row, pos_t, stored, stride_k_b, stride_k_s, stride_v_b, stride_v_s, page_size, num_pages,
+                        max_pages_per_seq, PAGED)
+                    store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok,
+                                   HEAD_DIM, BLOCK_D)
+                merged = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+                o_ptrs = (Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h
+                          + query_index[:, None] * stride_o_s + offs_d[None, :])
+                tl.store(o_ptrs, merged.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if PDL and WAIT_LAST:
+        # a tail launch (`_tail_groups`): it read only what the kernels before the one before it
+        # wrote, and waits on that one only now, so the next kernel's wait covers both
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -610,6 +692,7 @@ def _decode_merge_kernel(
     VCache,
     CacheSeqlens,
     BlockTable,
+    row_base,  # the flattened (b, h, i) row of program 0
     num_q_heads,
     group_size,
     seqlen_q,
@@ -639,7 +722,7 @@ def _decode_merge_kernel(
     PDL: tl.constexpr,
     BALANCED: tl.constexpr,
 ):
-    row = tl.program_id(0)  # flattened (b, h, i)
+    row = tl.program_id(0) + row_base  # flattened (b, h, i)
     i = row % seqlen_q
     h = (row // seqlen_q) % num_q_heads
     b = row // (seqlen_q * num_q_heads)
@@ -897,6 +980,46 @@ DECODE_WAVE_TILES = True
 DECODE_KEY_BALANCED = True
 
 
+# Paged 16-bit pools at D <= 64 just past one wave of (sequence, KV head) groups, launched early:
+# one whole-SM program for each of the first sm_count groups (one wave, as `_config` takes it),
+# and the groups left over split into short slices by a second launch whose programs start as
+# the first wave's end (`_tail_groups`)
+DECODE_TAIL_LAUNCH = True
+_TAIL_WAVES = 1.16
+_TAIL_PIECES = 8
+_TAIL_BLOCK_N_WIDE = 32
+_TAIL_MAX_D = 64
+_TAIL_BLOCK_N = 64
+_TAIL_STAGES = 3
+_TAIL_FUSED_MERGE = True
+# fp32 elements of partial results a merging program holds at once (64 registers a thread at 4 warps)
+MERGE_TILE_ELEMS = 8192
+# under the interpreter: the groups of the tail launch's first wave (0: no tail launch)
+TAIL_INTERPRET_WAVE = 0
+
+
+def _tail_groups(groups: int, sm_count: int, cfg: dict, paged: bool, early_hint: bool, no_key_start: bool) -> int:
+    """Groups left to a second stage-1 launch past the first ``sm_count`` (0: one launch)."""
+    if not (paged and early_hint and no_key_start and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= _TAIL_MAX_D):
+        return 0
+    return groups - sm_count if sm_count < groups <= _TAIL_WAVES * sm_count else 0
+
+
+def _tail_config(cfg: dict, key_capacity: int, wave: int, tail: int) -> dict:
+    """Tiles and split count of the tail launch: `_TAIL_PIECES` slices a group, two blocks at least."""
+    block_n = _TAIL_BLOCK_N if cfg["BLOCK_D"] <= 64 else _TAIL_BLOCK_N_WIDE
+    splits = max(1, min(_TAIL_PIECES, triton.cdiv(key_capacity, 2 * block_n)))
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits,
+                TABLE_AHEAD=True, num_warps=4, num_stages=_TAIL_STAGES)
+
+
+def _partials(q: torch.Tensor, num_splits: int):
+    """Stage 1's partial outputs [B, H_q, S_q, num_splits, D] and log-sum-exps [B, H_q, S_q, num_splits]."""
+    batch, num_q_heads, seqlen_q, head_dim = q.shape
+    return (torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32, device=q.device),
+            torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32, device=q.device))
+
+
 def _key_balanced(groups: int, sm_count: int, block_d: int) -> bool:
     """Whether a contiguous cache's (sequence, KV head) groups take `_decode_balanced_kernel`: one
     whole-SM program per SM, each an equal share of all groups' key blocks.
@@ -999,31 +1122,21 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     cfg = _config(batch, num_kv_heads, decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q), key_capacity,
                   head_dim, q.dtype, paged, sm_count, interpret, early_hint, smem, DECODE_BALANCED_WAVES,
                   DECODE_WAVE_TILES, DECODE_KEY_BALANCED and key_start is None)
-    cfg = dict(cfg)
-    num_splits = cfg.pop("NUM_SPLITS")
-    # stage 1 may share all key blocks out evenly (`_config`: contiguous caches, no key start)
-    balanced = cfg.pop("BALANCED", 0)
-    if paged or key_start is not None:
-        balanced = 0
-    if balanced:
-        num_splits = _balanced_pieces(balanced, batch * num_kv_heads)
-    direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
-    if direct:
-        partial_out = partial_lse = out  # never touched
-    else:
-        partial_out = torch.empty((batch, num_q_heads, seqlen_q, num_splits, head_dim), dtype=torch.float32,
-                                  device=q.device)
-        partial_lse = torch.empty((batch, num_q_heads, seqlen_q, num_splits), dtype=torch.float32,
-                                  device=q.device)
     dummy = key_end if key_end is not None else q  # never read when its flag is off
-    descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
     new_k, new_v = (k_new, v_new) if append else (k, v)
-    merge = functools.partial(_merge, partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table,
-                              geometry, num_splits, scale, cfg["BLOCK_D"], causal, pdl)
+    groups = batch * num_kv_heads
+    merge = functools.partial(_merge, out, q, new_k, new_v, k, v, dummy, block_table, geometry, scale,
+                              cfg["BLOCK_D"], causal, pdl)
+    # stage 1 may share all key blocks out evenly (`_config`: contiguous caches, no key start)
+    balanced = cfg.get("BALANCED", 0) if not paged and key_start is None else 0
     if balanced:
+        cfg = {key: value for key, value in cfg.items() if key not in ("BALANCED", "NUM_SPLITS", "TABLE_AHEAD")}
+        num_splits = _balanced_pieces(balanced, groups)
+        partial_out, partial_lse = _partials(q, num_splits)
+        descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
         _decode_balanced_kernel[(balanced,)](
             q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, dummy,
-            batch * num_kv_heads, num_splits, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity,
+            groups, num_splits, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, key_capacity,
             key_end_offset, scale * LOG2_E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -1031,128 +1144,168 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
             HEAD_DIM=head_dim, CAUSAL=causal, HAS_KEY_END=key_end is not None, DOT_PRECISION=dot_precision(q.dtype),
             TMA=descriptors is not None, APPEND=append, PDL=pdl, EARLY_PREFETCH=early_hint,
             **_prefetch_lines(head_dim, k.element_size()),
-            SEGMENTS=triton.cdiv(batch * num_kv_heads - 1, balanced) + 1,
-            **{key: value for key, value in cfg.items() if key != "TABLE_AHEAD"},
+            SEGMENTS=triton.cdiv(groups - 1, balanced) + 1,
+            **cfg,
             **({"launch_pdl": True} if pdl else {}),
         )
-        merge(append, balanced, batch * num_kv_heads)
+        merge(partial_out, partial_lse, num_splits, append, balanced_programs=balanced, balanced_groups=groups)
         return
-    bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
-    interleaved = DECODE_INTERLEAVED and not paged and not direct
-    fits_sms = batch * num_kv_heads * num_splits <= sm_count  # one wave of programs
-    # One wave of lone programs at D <= 64 on paged pools read a block ahead, causal or not: each
-    # gathers the new tokens from the inputs by position and stores them after its loop, with no
-    # store and barrier ahead of its first loads (H100 appending steps against writing first:
-    # 16x8/8x2048x64 25.22-25.44 -> 25.04-25.21 us, the cost of full length; at D=128, with
-    # splits and past one wave it lost 0.25-3.2, NOTES.md twenty-fifth round). The interpreter
-    # (one SM) tests it past one wave too.
-    new_rows = (DECODE_NEW_ROWS and append and paged and cfg["TABLE_AHEAD"] and direct
-                and (fits_sms or interpret) and cfg["BLOCK_D"] <= 64)
-    # Elsewhere, the new tokens written before the slice holding them is read (one split, or the slices of
-    # paged pools; not under a causal diagonal, which would then lie inside the cache read, where
-    # the pool-order visit needs every page but a slice's last one unmasked). It delays the
-    # writing program's first loads by the store (after the slot's table read, paged) and a
-    # barrier, which pays where the other path costs more: on paged pools read a block ahead,
-    # except for split programs whose masked slice costs little (the bias tile); on contiguous
-    # caches with one split, where other programs on the same SM stream meanwhile (more programs
-    # than SMs). H100 appending steps: 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to
-    # -0.55, contiguous -1.1 to -1.5; 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17
-    # (NOTES.md twenty-third round). Not with the four-stage pipeline of 64-key blocks that D <= 64
-    # pools take past 1.5 waves of programs (`_config`), where it cost 2.2-3.2 us against scoring
-    # the new token apart (28x32/8x2048x64, 56-64x32/4x2048x64, NOTES.md twenty-sixth round).
-    write_first = DECODE_WRITE_FIRST and append and not causal and not new_rows and (
-        (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask) and cfg["num_stages"] <= 3)
-        or (not paged and direct and not fits_sms))
-    # One split past one wave of programs writing first at D > 64 into a pool whose table rows
-    # hold <= 256 entries: the whole row is read next to the lengths and the new tokens' pages
-    # picked out of it, so their store waits on one load instead of the lengths' and then the
-    # table's (H100 appending steps, 28x32/8x2048x128, 64x32/8x2048x128, 32x32/8x4096x128,
-    # 5x32/32x4096x96: -0.4 to -1.2 us; +0.1 with one wave, +0.25 to +2 at D=64, +0.5 at
-    # 17x32/8x2048x128 with splits, NOTES.md twenty-sixth round). The interpreter tests it everywhere.
-    slot_pages = (max(2, next_power_of_2(max_pages_per_seq)) if DECODE_SLOT_PAGES and write_first and paged
-                  and max_pages_per_seq <= 256
-                  and ((direct and not fits_sms and cfg["BLOCK_D"] > 64) or interpret) else 0)
-    # the split kernel's own new tokens: written first or gathered by the loop (stored only), or
-    # with one split one key folding in elementwise, several forming a tl.dot operand (>= 16 rows)
-    seqlen_new = new_k.shape[2]
-    block_t = (next_power_of_2(seqlen_new) if write_first or new_rows
-               else 1 if append and seqlen_new == 1 else max(16, next_power_of_2(seqlen_new)))
-    # paged pools read a block ahead, one wave of programs launched early: work before the wait on
-    # the kernel before hides behind it (the interpreter runs that work too, to test it)
-    early_wave = pdl and fits_sms  # and launched early
-    early = paged and cfg["TABLE_AHEAD"] and (interpret or early_wave)
-    # programs that take a whole SM start as the ones before them end: each asks the L2 for its
-    # first block before the wait (contiguous caches, and pools read a block ahead; one wave of
-    # programs, or more with DECODE_EARLY_PAST_WAVE)
-    early_prefetch = (early_hint and (early_wave or DECODE_EARLY_PAST_WAVE) and (not paged or cfg["TABLE_AHEAD"])
-                      and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
-    # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
-    # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
-    sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
-    sort_pages = _sort_pages(sort_early, key_start is not None, causal and (new_rows or not append), key_capacity,
-                             num_splits, cfg["BLOCK_N"], page_size, num_pages)
-    # one wave of whole-SM split programs reading the pool in table order: the second block's table
-    # entries read next to the lengths as well (with the pool-order sort, from the sorted row, it
-    # measured level to 0.1 us slower at D=128; one split per sequence, 16x8/8x2048x64 on random
-    # pages, 0.1-0.45 slower); the interpreter tests it where it does not sort
-    guess_next = (DECODE_TABLE_GUESS_NEXT and paged and cfg["TABLE_AHEAD"] and not sort_pages and not direct
-                  and (interpret or early_prefetch))
-    visit_table = (torch.empty((batch * num_kv_heads * num_splits, sort_pages), dtype=torch.int32, device=q.device)
-                   if sort_pages else dummy)
-    _decode_split_kernel[(num_splits, batch * num_kv_heads)](
-        q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
-        key_start if key_start is not None else dummy,
-        dummy,
-        block_table if paged else dummy,
-        new_k, new_v, visit_table,
-        num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, seqlen_new, key_capacity, key_end_offset,
-        scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        new_k.stride(0), new_k.stride(1), new_k.stride(2),
-        new_v.stride(0), new_v.stride(1), new_v.stride(2),
-        stride_bt_b,
-        out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=head_dim,
-        BLOCK_T=block_t,
-        CAUSAL=causal,
-        HAS_KEY_START=key_start is not None,
-        HAS_KEY_END=key_end is not None,
-        PAGED=paged,
-        DOT_PRECISION=dot_precision(q.dtype),
-        TMA=descriptors is not None,
-        APPEND=append,
-        DIRECT=direct,
-        PDL=pdl,
-        **paged_row_flags(k, v, block_table),
-        PREFETCH=DECODE_PREFETCH and l2_hints,
-        **_prefetch_lines(head_dim, k.element_size()),
-        TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size)
-        if paged and DECODE_TABLE_PREFETCH and l2_hints and not sort_pages else 0,
-        # one wave of programs (its pipeline fill is not hidden behind other programs); with more,
-        # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
-        # programs: 179 -> 209 us)
-        SHIFT_TAIL=DECODE_SHIFT_TAIL and fits_sms,
-        # past one wave at D <= 64 with 64-key blocks (`_config`'s wave tiles): whole slices
-        # unmasked, a partial last block as the shifted loop (with 128-key blocks, 512 programs,
-        # both loops compiled cost 2.5 us at every length, NOTES.md twenty-eighth round)
-        TAIL_BRANCH=(DECODE_TAIL_BRANCH and descriptors is not None and not fits_sms and key_start is None
-                     and cfg["BLOCK_D"] <= 64 and cfg["BLOCK_N"] <= 64),
-        TABLE_GUESS=DECODE_TABLE_GUESS,
-        INTERLEAVED=interleaved,
-        SORT_PAGES=sort_pages,
-        EARLY_PREFETCH=early_prefetch,
-        GUESS_NEXT=guess_next,
-        BIAS_MASK=bias_mask,
-        WRITE_FIRST=write_first,
-        NEW_ROWS=new_rows,
-        SLOT_PAGES=slot_pages,
-        **cfg,
-        **({"launch_pdl": True} if pdl else {}),
-    )
-    if not direct:
-        merge(append and not write_first)
+
+    def split_pass(cfg, group_count, group_base, wait_last, tail_groups=0, counters=None):
+        """Stage 1 over ``group_count`` (sequence, KV head) groups from ``group_base`` on, with the
+        tiles and split count of ``cfg``; ``wait_last``: waits on the kernel before only as it ends
+        (see `_tail_groups`). Returns the split count, the partial results and whether the new
+        tokens were written here."""
+        cfg = {key: value for key, value in cfg.items() if key != "BALANCED"}
+        num_splits = cfg.pop("NUM_SPLITS")
+        direct = num_splits == 1  # stage 1 writes the output (and, appending, the new tokens)
+        partial_out, partial_lse = (out, out) if direct else _partials(q, num_splits)
+        descriptors = kv_descriptors(k, v, block_table, cfg["BLOCK_N"], cfg["BLOCK_D"]) if DECODE_TMA else None
+        # the tail launch merges its own splits (the last of a group's programs to end), on counters
+        # this launch's programs zero
+        fused_merge = wait_last and counters is not None and not direct
+        splits_tile = max(2, next_power_of_2(num_splits))
+        merge_chunk = min(splits_tile, max(1, MERGE_TILE_ELEMS // (cfg["BLOCK_M"] * cfg["BLOCK_D"])))
+        bias_mask = DECODE_BIAS_MASK and paged and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= 64 and not causal
+        interleaved = DECODE_INTERLEAVED and not paged and not direct
+        fits_sms = group_count * num_splits <= sm_count  # one wave of programs
+        # One wave of lone programs at D <= 64 on paged pools read a block ahead, causal or not: each
+        # gathers the new tokens from the inputs by position and stores them after its loop, with no
+        # store and barrier ahead of its first loads (H100 appending steps against writing first:
+        # 16x8/8x2048x64 25.22-25.44 -> 25.04-25.21 us, the cost of full length; at D=128, with
+        # splits and past one wave it lost 0.25-3.2, NOTES.md twenty-fifth round). The interpreter
+        # (one SM) tests it past one wave too.
+        new_rows = (DECODE_NEW_ROWS and append and paged and cfg["TABLE_AHEAD"] and direct
+                    and (fits_sms or interpret) and cfg["BLOCK_D"] <= 64)
+        # Elsewhere, the new tokens written before the slice holding them is read (one split, or the slices of
+        # paged pools; not under a causal diagonal, which would then lie inside the cache read, where
+        # the pool-order visit needs every page but a slice's last one unmasked). It delays the
+        # writing program's first loads by the store (after the slot's table read, paged) and a
+        # barrier, which pays where the other path costs more: on paged pools read a block ahead,
+        # except for split programs whose masked slice costs little (the bias tile); on contiguous
+        # caches with one split, where other programs on the same SM stream meanwhile (more programs
+        # than SMs). H100 appending steps: 1x32/8x32768x128 paged -0.3 us, one split paged -0.1 to
+        # -0.55, contiguous -1.1 to -1.5; 8x32/4x8192x64 paged +0.06, 16x8/8x2048x64 contiguous +0.17
+        # (NOTES.md twenty-third round). Not with the four-stage pipeline of 64-key blocks that D <= 64
+        # pools take past 1.5 waves of programs (`_config`), where it cost 2.2-3.2 us against scoring
+        # the new token apart (28x32/8x2048x64, 56-64x32/4x2048x64, NOTES.md twenty-sixth round).
+        write_first = DECODE_WRITE_FIRST and append and not causal and not new_rows and (
+            (paged and cfg["TABLE_AHEAD"] and (direct or not bias_mask) and cfg["num_stages"] <= 3)
+            or (not paged and direct and not fits_sms))
+        # One split past one wave of programs writing first at D > 64 into a pool whose table rows
+        # hold <= 256 entries: the whole row is read next to the lengths and the new tokens' pages
+        # picked out of it, so their store waits on one load instead of the lengths' and then the
+        # table's (H100 appending steps, 28x32/8x2048x128, 64x32/8x2048x128, 32x32/8x4096x128,
+        # 5x32/32x4096x96: -0.4 to -1.2 us; +0.1 with one wave, +0.25 to +2 at D=64, +0.5 at
+        # 17x32/8x2048x128 with splits, NOTES.md twenty-sixth round). The interpreter tests it everywhere.
+        slot_pages = (max(2, next_power_of_2(max_pages_per_seq)) if DECODE_SLOT_PAGES and write_first and paged
+                      and max_pages_per_seq <= 256
+                      and ((direct and not fits_sms and cfg["BLOCK_D"] > 64) or interpret) else 0)
+        # the split kernel's own new tokens: written first or gathered by the loop (stored only), or
+        # with one split one key folding in elementwise, several forming a tl.dot operand (>= 16 rows)
+        seqlen_new = new_k.shape[2]
+        block_t = (next_power_of_2(seqlen_new) if write_first or new_rows
+                   else 1 if append and seqlen_new == 1 else max(16, next_power_of_2(seqlen_new)))
+        # paged pools read a block ahead, one wave of programs launched early: work before the wait on
+        # the kernel before hides behind it (the interpreter runs that work too, to test it)
+        early_wave = pdl and fits_sms  # and launched early
+        early = paged and cfg["TABLE_AHEAD"] and (interpret or early_wave)
+        # programs that take a whole SM start as the ones before them end: each asks the L2 for its
+        # first block before the wait (contiguous caches, and pools read a block ahead; one wave of
+        # programs, or more with DECODE_EARLY_PAST_WAVE)
+        early_prefetch = (early_hint and (early_wave or DECODE_EARLY_PAST_WAVE) and (not paged or cfg["TABLE_AHEAD"])
+                          and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
+        # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
+        # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
+        sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
+        sort_pages = _sort_pages(sort_early, key_start is not None, causal and (new_rows or not append), key_capacity,
+                                 num_splits, cfg["BLOCK_N"], page_size, num_pages)
+        # one wave of whole-SM split programs reading the pool in table order: the second block's table
+        # entries read next to the lengths as well (with the pool-order sort, from the sorted row, it
+        # measured level to 0.1 us slower at D=128; one split per sequence, 16x8/8x2048x64 on random
+        # pages, 0.1-0.45 slower); the interpreter tests it where it does not sort
+        guess_next = (DECODE_TABLE_GUESS_NEXT and paged and cfg["TABLE_AHEAD"] and not sort_pages and not direct
+                      and (interpret or early_prefetch))
+        visit_table = (torch.empty((group_count * num_splits, sort_pages), dtype=torch.int32, device=q.device)
+                       if sort_pages else dummy)
+        _decode_split_kernel[(num_splits, group_count)](
+            q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
+            key_start if key_start is not None else dummy,
+            dummy,
+            block_table if paged else dummy,
+            new_k, new_v, visit_table, counters if counters is not None else dummy,
+            group_base, tail_groups, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, seqlen_new, key_capacity, key_end_offset,
+            scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            new_k.stride(0), new_k.stride(1), new_k.stride(2),
+            new_v.stride(0), new_v.stride(1), new_v.stride(2),
+            stride_bt_b,
+            out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=head_dim,
+            BLOCK_T=block_t,
+            CAUSAL=causal,
+            HAS_KEY_START=key_start is not None,
+            HAS_KEY_END=key_end is not None,
+            PAGED=paged,
+            DOT_PRECISION=dot_precision(q.dtype),
+            TMA=descriptors is not None,
+            APPEND=append,
+            DIRECT=direct,
+            PDL=pdl,
+            **paged_row_flags(k, v, block_table),
+            PREFETCH=DECODE_PREFETCH and l2_hints,
+            **_prefetch_lines(head_dim, k.element_size()),
+            TABLE_LINES=_table_lines(key_capacity, num_splits, cfg["BLOCK_N"], page_size)
+            if paged and DECODE_TABLE_PREFETCH and l2_hints and not sort_pages else 0,
+            # one wave of programs (its pipeline fill is not hidden behind other programs); with more,
+            # the smaller shared-memory footprint lets a third program share an SM (D=128, 256
+            # programs: 179 -> 209 us)
+            SHIFT_TAIL=DECODE_SHIFT_TAIL and fits_sms,
+            # past one wave at D <= 64 with 64-key blocks (`_config`'s wave tiles): whole slices
+            # unmasked, a partial last block as the shifted loop (with 128-key blocks, 512 programs,
+            # both loops compiled cost 2.5 us at every length, NOTES.md twenty-eighth round)
+            TAIL_BRANCH=(DECODE_TAIL_BRANCH and descriptors is not None and not fits_sms and key_start is None
+                         and cfg["BLOCK_D"] <= 64 and cfg["BLOCK_N"] <= 64),
+            TABLE_GUESS=DECODE_TABLE_GUESS,
+            INTERLEAVED=interleaved,
+            SORT_PAGES=sort_pages,
+            EARLY_PREFETCH=early_prefetch,
+            GUESS_NEXT=guess_next,
+            BIAS_MASK=bias_mask,
+            WRITE_FIRST=write_first,
+            NEW_ROWS=new_rows,
+            SLOT_PAGES=slot_pages,
+            WAIT_LAST=wait_last and pdl,
+            ZERO_COUNTERS=tail_groups > 0 and counters is not None,
+            FUSED_MERGE=fused_merge,
+            BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
+            MERGE_CHUNK=merge_chunk,
+            **cfg,
+            **({"launch_pdl": True} if pdl else {}),
+        )
+        return num_splits, partial_out, partial_lse, write_first
+
+    # the interpreter (one SM) tests the tail launch with as many groups in its first wave as it is told
+    wave = TAIL_INTERPRET_WAVE if interpret else sm_count
+    tail = (_tail_groups(groups, wave, cfg, paged, early_hint or (interpret and wave > 0), key_start is None)
+            if DECODE_TAIL_LAUNCH else 0)
+    if tail:
+        rows_per_group = decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q)
+        head_cfg = dict(_config(wave, 1, rows_per_group, key_capacity, head_dim, q.dtype, paged, sm_count, interpret,
+                                early_hint, smem, DECODE_BALANCED_WAVES, DECODE_WAVE_TILES, False), NUM_SPLITS=1)
+        counters = torch.empty((tail,), dtype=torch.int32, device=q.device) if _TAIL_FUSED_MERGE else None
+        split_pass(head_cfg, wave, 0, False, tail, counters)
+        num_splits, partial_out, partial_lse, write_first = split_pass(
+            _tail_config(cfg, key_capacity, wave, tail), tail, wave, True, 0, counters)
+        if num_splits > 1 and counters is None:
+            merge(partial_out, partial_lse, num_splits, append and not write_first,
+                  row_base=wave * rows_per_group, rows=tail * rows_per_group)
+        return
+    num_splits, partial_out, partial_lse, write_first = split_pass(cfg, groups, 0, False)
+    if num_splits > 1:
+        merge(partial_out, partial_lse, num_splits, append and not write_first)
 
 
 def _balanced_pieces(programs: int, groups: int) -> int:
@@ -1161,19 +1314,20 @@ def _balanced_pieces(programs: int, groups: int) -> int:
     return (programs - 1) // groups + 2
 
 
-def _merge(partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table, geometry, num_splits, scale,
-           block_d, causal, pdl, append, balanced_programs=0, balanced_groups=1):
+def _merge(out, q, new_k, new_v, k, v, dummy, block_table, geometry, scale, block_d, causal, pdl, partial_out,
+           partial_lse, num_splits, append, balanced_programs=0, balanced_groups=1, row_base=0, rows=None):
     """Launch stage 2 over ``num_splits`` partial results per row (``geometry``: `kv_geometry` of
     the cache; ``append``: scoring this step's tokens and writing them into the cache too;
     ``balanced_programs``: the partial results of `_decode_balanced_kernel`, which shared out
-    ``balanced_groups`` groups)."""
+    ``balanced_groups`` groups; ``row_base``, ``rows``: only the flattened (b, h, i) rows from
+    ``row_base`` on, that many (all by default))."""
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = geometry
     paged = block_table is not None
     seqlen_new = new_k.shape[2]
-    _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
+    _decode_merge_kernel[(batch * num_q_heads * seqlen_q if rows is None else rows,)](
         partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
-        num_q_heads, num_q_heads // k.shape[1], seqlen_q, num_splits, seqlen_new, key_capacity,
+        row_base, num_q_heads, num_q_heads // k.shape[1], seqlen_q, num_splits, seqlen_new, key_capacity,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
         out.stride(0), out.stride(1), out.stride(2),
         q.stride(0), q.stride(1), q.stride(2),
