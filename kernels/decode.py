@@ -692,7 +692,6 @@ def _decode_merge_kernel(
     VCache,
     CacheSeqlens,
     BlockTable,
-    row_base,  # the flattened (b, h, i) row of program 0
     num_q_heads,
     group_size,
     seqlen_q,
@@ -722,7 +721,7 @@ def _decode_merge_kernel(
     PDL: tl.constexpr,
     BALANCED: tl.constexpr,
 ):
-    row = tl.program_id(0) + row_base  # flattened (b, h, i)
+    row = tl.program_id(0)  # flattened (b, h, i)
     i = row % seqlen_q
     h = (row // seqlen_q) % num_q_heads
     b = row // (seqlen_q * num_q_heads)
@@ -980,37 +979,48 @@ DECODE_WAVE_TILES = True
 DECODE_KEY_BALANCED = True
 
 
-# Paged 16-bit pools at D <= 64 just past one wave of (sequence, KV head) groups, launched early:
-# one whole-SM program for each of the first sm_count groups (one wave, as `_config` takes it),
-# and the groups left over split into short slices by a second launch whose programs start as
-# the first wave's end (`_tail_groups`)
+# 16-bit caches just past one wave of (sequence, KV head) groups, launched early (`_tail_groups`):
+# one whole-SM program for each of the first sm_count groups, writing its output directly, and the
+# groups left over split into short slices by a second launch whose programs run beside the
+# first wave's and merge their own results (the last of a group's programs to end, on counts the
+# first launch zeroes). H100 (NOTES.md twenty-ninth round): 136-160 groups at D=64 and 136-192
+# at D=128 paged, 136-160 at D=64 and 136 at D=128 contiguous, 82-88% -> 88-101% of 3.0 TB/s
 DECODE_TAIL_LAUNCH = True
-_TAIL_WAVES = 1.16
-_TAIL_PIECES = 8
-_TAIL_BLOCK_N_WIDE = 32
-_TAIL_MAX_D = 64
-_TAIL_BLOCK_N = 64
-_TAIL_STAGES = 3
-_TAIL_FUSED_MERGE = True
+# under the interpreter (one SM): the groups of the tail launch's first wave (0: no tail launch)
+TAIL_INTERPRET_WAVE = 0
 # fp32 elements of partial results a merging program holds at once (64 registers a thread at 4 warps)
 MERGE_TILE_ELEMS = 8192
-# under the interpreter: the groups of the tail launch's first wave (0: no tail launch)
-TAIL_INTERPRET_WAVE = 0
 
 
-def _tail_groups(groups: int, sm_count: int, cfg: dict, paged: bool, early_hint: bool, no_key_start: bool) -> int:
-    """Groups left to a second stage-1 launch past the first ``sm_count`` (0: one launch)."""
-    if not (paged and early_hint and no_key_start and cfg["TABLE_AHEAD"] and cfg["BLOCK_D"] <= _TAIL_MAX_D):
+def _tail_groups(groups: int, sm_count: int, cfg: dict, paged: bool, element_size: int, early_hint: bool,
+                 no_key_start: bool) -> int:
+    """Groups left to a second stage-1 launch past the first ``sm_count`` ones (0: one launch).
+
+    16-bit caches up to D=128 launched early (the second launch's programs start beside the
+    first's, which take more than half an SM's shared memory: two of them fit at D <= 64, one
+    at D=128), no key start, from one wave of groups to 1.22 waves at D <= 64 and, at D=128, 1.5
+    waves on pools or 1.1 on contiguous caches (past those, measured level or slower: H100,
+    21x32/8x2048x64 (168 groups), contiguous 19-20x32/8x4096x128 and 24x32/8x2048x128, NOTES.md
+    twenty-ninth round). Pools: those read a block ahead (16-bit)."""
+    layout_ok = cfg["TABLE_AHEAD"] if paged else element_size == 2
+    if not (layout_ok and early_hint and no_key_start and cfg["BLOCK_D"] <= 128):
         return 0
-    return groups - sm_count if sm_count < groups <= _TAIL_WAVES * sm_count else 0
+    waves = 1.22 if cfg["BLOCK_D"] <= 64 else 1.5 if paged else 1.1
+    return groups - sm_count if sm_count < groups <= waves * sm_count else 0
 
 
-def _tail_config(cfg: dict, key_capacity: int, wave: int, tail: int) -> dict:
-    """Tiles and split count of the tail launch: `_TAIL_PIECES` slices a group, two blocks at least."""
-    block_n = _TAIL_BLOCK_N if cfg["BLOCK_D"] <= 64 else _TAIL_BLOCK_N_WIDE
-    splits = max(1, min(_TAIL_PIECES, triton.cdiv(key_capacity, 2 * block_n)))
+def _tail_config(cfg: dict, key_capacity: int, wave: int, tail: int, interpret: bool = False) -> dict:
+    """Tiles and split count of the tail launch (`_tail_groups`): 64-key blocks at D <= 64 and 32
+    at D=128, three stages, and eight slices a group where eight times the tail's groups fit
+    beside the first wave at once (two programs an SM at D <= 64, one at D=128), else four
+    (H100: four, eight and sixteen slices at 136-192 groups, S=2048-8192, NOTES.md twenty-ninth
+    round); slices of two blocks at least (16-key blocks under the interpreter)."""
+    narrow = cfg["BLOCK_D"] <= 64
+    block_n = 16 if interpret else 64 if narrow else 32
+    pieces = 8 if tail * 8 <= (2 if narrow else 1) * wave else 4
+    splits = max(1, min(pieces, triton.cdiv(key_capacity, 2 * block_n)))
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits,
-                TABLE_AHEAD=True, num_warps=4, num_stages=_TAIL_STAGES)
+                TABLE_AHEAD=cfg["TABLE_AHEAD"], num_warps=4, num_stages=3)
 
 
 def _partials(q: torch.Tensor, num_splits: int):
@@ -1127,8 +1137,12 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
     groups = batch * num_kv_heads
     merge = functools.partial(_merge, out, q, new_k, new_v, k, v, dummy, block_table, geometry, scale,
                               cfg["BLOCK_D"], causal, pdl)
+    # the interpreter (one SM) tests the tail launch with as many groups in its first wave as it is told
+    wave = TAIL_INTERPRET_WAVE if interpret else sm_count
+    tail = (_tail_groups(groups, wave, cfg, paged, q.element_size(), early_hint or (interpret and wave > 0),
+                         key_start is None) if DECODE_TAIL_LAUNCH else 0)
     # stage 1 may share all key blocks out evenly (`_config`: contiguous caches, no key start)
-    balanced = cfg.get("BALANCED", 0) if not paged and key_start is None else 0
+    balanced = cfg.get("BALANCED", 0) if not paged and key_start is None and not tail else 0
     if balanced:
         cfg = {key: value for key, value in cfg.items() if key not in ("BALANCED", "NUM_SPLITS", "TABLE_AHEAD")}
         num_splits = _balanced_pieces(balanced, groups)
@@ -1287,21 +1301,13 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         )
         return num_splits, partial_out, partial_lse, write_first
 
-    # the interpreter (one SM) tests the tail launch with as many groups in its first wave as it is told
-    wave = TAIL_INTERPRET_WAVE if interpret else sm_count
-    tail = (_tail_groups(groups, wave, cfg, paged, early_hint or (interpret and wave > 0), key_start is None)
-            if DECODE_TAIL_LAUNCH else 0)
     if tail:
         rows_per_group = decode_packed_rows(num_q_heads, num_kv_heads, seqlen_q)
         head_cfg = dict(_config(wave, 1, rows_per_group, key_capacity, head_dim, q.dtype, paged, sm_count, interpret,
                                 early_hint, smem, DECODE_BALANCED_WAVES, DECODE_WAVE_TILES, False), NUM_SPLITS=1)
-        counters = torch.empty((tail,), dtype=torch.int32, device=q.device) if _TAIL_FUSED_MERGE else None
+        counters = torch.empty((tail,), dtype=torch.int32, device=q.device)
         split_pass(head_cfg, wave, 0, False, tail, counters)
-        num_splits, partial_out, partial_lse, write_first = split_pass(
-            _tail_config(cfg, key_capacity, wave, tail), tail, wave, True, 0, counters)
-        if num_splits > 1 and counters is None:
-            merge(partial_out, partial_lse, num_splits, append and not write_first,
-                  row_base=wave * rows_per_group, rows=tail * rows_per_group)
+        split_pass(_tail_config(cfg, key_capacity, wave, tail, interpret), tail, wave, True, 0, counters)
         return
     num_splits, partial_out, partial_lse, write_first = split_pass(cfg, groups, 0, False)
     if num_splits > 1:
@@ -1315,19 +1321,18 @@ def _balanced_pieces(programs: int, groups: int) -> int:
 
 
 def _merge(out, q, new_k, new_v, k, v, dummy, block_table, geometry, scale, block_d, causal, pdl, partial_out,
-           partial_lse, num_splits, append, balanced_programs=0, balanced_groups=1, row_base=0, rows=None):
+           partial_lse, num_splits, append, balanced_programs=0, balanced_groups=1):
     """Launch stage 2 over ``num_splits`` partial results per row (``geometry``: `kv_geometry` of
     the cache; ``append``: scoring this step's tokens and writing them into the cache too;
     ``balanced_programs``: the partial results of `_decode_balanced_kernel`, which shared out
-    ``balanced_groups`` groups; ``row_base``, ``rows``: only the flattened (b, h, i) rows from
-    ``row_base`` on, that many (all by default))."""
+    ``balanced_groups`` groups)."""
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_pages, page_size, max_pages_per_seq, key_capacity, stride_bt_b = geometry
     paged = block_table is not None
     seqlen_new = new_k.shape[2]
-    _decode_merge_kernel[(batch * num_q_heads * seqlen_q if rows is None else rows,)](
+    _decode_merge_kernel[(batch * num_q_heads * seqlen_q,)](
         partial_out, partial_lse, out, q, new_k, new_v, k, v, dummy, block_table if paged else dummy,
-        row_base, num_q_heads, num_q_heads // k.shape[1], seqlen_q, num_splits, seqlen_new, key_capacity,
+        num_q_heads, num_q_heads // k.shape[1], seqlen_q, num_splits, seqlen_new, key_capacity,
         scale * LOG2_E, page_size, num_pages, max_pages_per_seq,
         out.stride(0), out.stride(1), out.stride(2),
         q.stride(0), q.stride(1), q.stride(2),

@@ -258,12 +258,14 @@ def check_step(out, q, k_cache_before, v_cache_before, lens_before, k, v, k_cach
 
 @pytest.mark.parametrize("s_q", [1, 4])
 @pytest.mark.parametrize("dtype", LOWP)
-@pytest.mark.parametrize("batch", [B, 12])
+@pytest.mark.parametrize("batch", [B, 12, 17])
 def test_cuda_graph_decode_replayed_as_lengths_grow(s_q, dtype, batch):
     # batch 12: 96 (sequence, KV head) groups, whose key blocks an H100's 132 SMs share out evenly
-    # (`_decode_balanced_kernel`); batch 4: split programs
+    # (`_decode_balanced_kernel`); batch 17: 136 groups, the first 132 one program each and the
+    # last four split by a second launch that merges its own results on counts the first zeroes
+    # (`_tail_groups`); batch 4: split programs
     g = torch.Generator().manual_seed(s_q)
-    start = (START_LENS * 3)[:batch]
+    start = (START_LENS * 5)[:batch]
     k_cache = randn((batch, HKV, S_MAX, D), dtype, DEVICE, generator=g)
     v_cache = randn((batch, HKV, S_MAX, D), dtype, DEVICE, generator=g)
     lens = torch.tensor(start, dtype=torch.int32, device=DEVICE)
@@ -298,22 +300,25 @@ def test_cuda_graph_decode_replayed_as_lengths_grow(s_q, dtype, batch):
     assert int(lens.min()) > 4000 and checked >= 10
 
 
-def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
+@pytest.mark.parametrize("batch", [B, 17])
+def test_cuda_graph_paged_decode_replayed_as_lengths_grow(batch):
+    # batch 17: 136 (sequence, KV head) groups, past one wave of an H100's SMs (`_tail_groups`)
     page_size, dtype = 16, torch.float16
     max_pages = S_MAX // page_size
     g = torch.Generator().manual_seed(7)
-    cache = fkv.PagedKVCache(B * max_pages + 8, page_size, HKV, D, num_layers=1,
-                             max_batch_size=B, max_pages_per_seq=max_pages, dtype=dtype,
+    start = (START_LENS * 5)[:batch]
+    cache = fkv.PagedKVCache(batch * max_pages + 8, page_size, HKV, D, num_layers=1,
+                             max_batch_size=batch, max_pages_per_seq=max_pages, dtype=dtype,
                              device=DEVICE)
     cache.k_pages[0].copy_(randn(tuple(cache.k_pages[0].shape), dtype, DEVICE, generator=g))
     cache.v_pages[0].copy_(randn(tuple(cache.v_pages[0].shape), dtype, DEVICE, generator=g))
-    for seq, n in enumerate(START_LENS):
+    for seq, n in enumerate(start):
         cache.reserve(seq, n + 1)
         cache.advance(seq, n)
     table_ptr, lens_ptr = cache.block_table.data_ptr(), cache.seqlens.data_ptr()
-    q_in = randn((B, HQ, 1, D), dtype, DEVICE, generator=g)
-    k_in = randn((B, HKV, 1, D), dtype, DEVICE, generator=g)
-    v_in = randn((B, HKV, 1, D), dtype, DEVICE, generator=g)
+    q_in = randn((batch, HQ, 1, D), dtype, DEVICE, generator=g)
+    k_in = randn((batch, HKV, 1, D), dtype, DEVICE, generator=g)
+    v_in = randn((batch, HKV, 1, D), dtype, DEVICE, generator=g)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -326,7 +331,7 @@ def test_cuda_graph_paged_decode_replayed_as_lengths_grow():
         out = cache.attention(0, q_in, k_in, v_in)
 
     checked = 0
-    for i, inc in enumerate(length_schedule(START_LENS, 4000, g)):
+    for i, inc in enumerate(length_schedule(start, 4000, g)):
         refill(g, q_in, k_in, v_in)
         check = i < 3 or i % 7 == 0 or int(cache.seqlens.min()) > 3900
         if check:

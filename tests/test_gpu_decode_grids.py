@@ -84,13 +84,13 @@ def test_gpu_paged_partial_blocks_with_nan_past_the_lengths(head_dim, shape, s_q
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("s_q", [1, 4])
 def test_gpu_decode_grids_past_one_wave(shape, paged, s_q):
-    # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 at D=128 and 144 at
-    # D=64 get their key blocks shared out over 132 programs on contiguous caches, three splits
-    # (D=128) or one (D=64) on a pool; 224 at D=128 one split (on a pool, writing the new tokens
-    # first into the pages picked out of the table row); at D=64 one split of 64-key blocks: 160
-    # contiguous with four stages (on a pool 128-key blocks), 256 on a pool with four stages
-    # (scoring one new token apart), 256 contiguous and 288 with three; 256 at D=96 (no group),
-    # contiguous, pointer loads of 128-key blocks.
+    # More (sequence, KV head) programs than SMs: on an H100 (132 SMs) 136 groups at D=128 and
+    # 144 and 160 at D=64 take the tail launch (`_tail_groups`: the first 132 groups one program
+    # each, the rest split beside them, merged by the last of each group's programs); 224 at D=128
+    # one split (on a pool, writing the new tokens first into the pages picked out of the table
+    # row); at D=64 one split of 64-key blocks: 256 on a pool with four stages (scoring one new
+    # token apart), 256 contiguous and 288 with three; 256 at D=96 (no group), contiguous, pointer
+    # loads of 128-key blocks.
     check_uneven_grid(shape, paged, s_q)
 
 
@@ -113,6 +113,29 @@ def test_gpu_decode_past_one_wave_reading_only(shape, paged, s_q):
     # copies past one wave at D=64 read as the block ending at the slice end (the shifted loop)
     # and whole-block slices unmasked; 160-512 programs, one split, 64- and 128-key blocks.
     check_uneven_grid(shape, paged, s_q, with_new=False)
+
+
+@pytest.mark.parametrize("shape", [(17, 32, 8, 64), (17, 32, 8, 128), (24, 32, 8, 128)])
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_decode_tail_launch_taken(monkeypatch, shape, paged):
+    # Groups just past one wave of the GPU's SMs take the tail launch: a first grid of one program
+    # per SM, then the leftover groups in 4-8 slices each, no merge kernel (136 groups at D=64
+    # and 128, 192 at D=128 on a pool; contiguous caches at D=128 only up to 1.1 waves)
+    from flashkv_ops.kernels import decode
+    from reference import record_launches
+
+    splits = record_launches(monkeypatch, decode, "_decode_split_kernel")
+    merges = record_launches(monkeypatch, decode, "_decode_merge_kernel")
+    check_uneven_grid(shape, paged, 1)
+    b, _, hkv, d = shape
+    sms = decode._sm_count(torch.cuda.current_device())
+    tail = b * hkv - sms
+    waves = 1.22 if d <= 64 else 1.5 if paged else 1.1
+    if torch.cuda.get_device_capability()[0] < 9 or not 0 < tail <= (waves - 1) * sms:
+        assert not any(kw["FUSED_MERGE"] for _, kw in splits), "a tail launch where none belongs"
+        return
+    assert len(splits) == 2 and splits[0][0] == (1, sms) and merges == []
+    assert splits[1][0][1] == tail and splits[1][0][0] in (4, 8) and splits[1][1]["FUSED_MERGE"]
 
 
 def check_uneven_grid(shape, paged, s_q, with_new=True):

@@ -271,6 +271,37 @@ def test_key_balanced_decode_where_splits_cannot_spread_the_groups():
         assert "BALANCED" not in cfg, cfg
 
 
+def test_tail_launch_rule_from_static_shapes():
+    # the groups past one wave of 132 SMs that a second launch takes (`_tail_groups`), and its
+    # slices (`_tail_config`): up to 1.22 waves at D <= 64; at D=128 1.5 on pools, 1.1 contiguous;
+    # 16-bit, launched early, no key start; eight slices a group where eight times the tail's
+    # groups fit beside the wave (two programs an SM at D <= 64, one at D=128), else four
+    from flashkv_ops.kernels.decode import _config, _tail_config, _tail_groups
+
+    smem = 228 * 1024
+
+    def tail(groups, head_dim=64, paged=True, dtype=torch.float16, early=True, key_start=False):
+        cfg = _config(groups, 1, 4, 2048, head_dim, dtype, paged, 132, False, early, smem)
+        return _tail_groups(groups, 132, cfg, paged, dtype.itemsize, early, not key_start)
+
+    assert {g for g in range(1, 400) if tail(g)} == set(range(133, 162))
+    assert {g for g in range(1, 400) if tail(g, paged=False)} == set(range(133, 162))
+    assert {g for g in range(1, 400) if tail(g, 128)} == set(range(133, 199))
+    assert {g for g in range(1, 400) if tail(g, 128, paged=False)} == set(range(133, 146))
+    assert tail(136, 96) == 4 and tail(136, 80, paged=False) == 4
+    for kwargs in (dict(dtype=torch.float32), dict(dtype=torch.float32, paged=False), dict(early=False),
+                   dict(key_start=True), dict(head_dim=256)):
+        assert tail(136, **kwargs) == 0, kwargs
+    for head_dim, groups, block_n, pieces in ((64, 136, 64, 8), (64, 160, 64, 8), (128, 136, 32, 8),
+                                              (128, 148, 32, 8), (128, 152, 32, 4), (128, 192, 32, 4)):
+        cfg = _tail_config(_config(groups, 1, 4, 2048, head_dim, torch.float16, True, 132, False, True, smem),
+                           2048, 132, groups - 132)
+        assert (cfg["BLOCK_N"], cfg["NUM_SPLITS"], cfg["num_stages"]) == (block_n, pieces, 3), (head_dim, groups)
+    # slices of two blocks at least
+    cfg = _config(136, 1, 4, 200, 64, torch.float16, True, 132, False, True, smem)
+    assert _tail_config(cfg, 200, 132, 4)["NUM_SPLITS"] == 2
+
+
 def test_split_count_fills_the_sms_about_once():
     from flashkv_ops.kernels.decode import _split_count
 

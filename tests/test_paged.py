@@ -225,6 +225,31 @@ def test_paged_decode_second_block_entries_read_with_the_lengths(monkeypatch, sp
         assert paged and all(kw["GUESS_NEXT"] for kw in paged), "the second block's entries were not guessed"
 
 
+@pytest.mark.parametrize("tail_lens", [(0, 97), (1, 48), (33, 100)])
+@pytest.mark.parametrize("s_q,with_new,causal", [(1, True, True), (1, False, True), (3, True, True), (3, True, False)])
+def test_decode_tail_launch_past_one_wave(monkeypatch, split_launches, tail_lens, s_q, with_new, causal):
+    # 16-bit caches just past one wave of (sequence, KV head) groups: one launch takes the first
+    # wave's groups (one program each, output written directly) and zeroes a count per leftover
+    # group; a second launch splits the leftover groups, and the last of each group's programs
+    # to end merges their results (and, appending, scores and stores the new tokens). The
+    # interpreter is told the wave holds 10 groups; 12 here, so the last two take the tail, with
+    # empty, one-token and uneven lengths and NaN in every slot no sequence holds. Paged and
+    # contiguous caches both take it.
+    from flashkv_ops.kernels import decode
+
+    merges = record_launches(monkeypatch, decode, "_decode_merge_kernel")
+    monkeypatch.setattr(decode, "TAIL_INTERPRET_WAVE", 10)
+    lens = [5, 17, 0, 64, 31, 100, 2, 80, 15, 40, *tail_lens]
+    case = dict(BASE, batch=len(lens), num_kv_heads=1, s_q=s_q, causal=causal, lens=lens, page_size=16,
+                dtype=torch.float16, with_new=with_new, garbage="nan", seed=sum(tail_lens) + s_q)
+    check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
+        assert [grid for grid, _ in split_launches] == [(1, 10), (4, 2)] * 2  # paged, then contiguous
+        assert [(kw["ZERO_COUNTERS"], kw["FUSED_MERGE"]) for _, kw in split_launches] == [(True, False),
+                                                                                        (False, True)] * 2
+        assert merges == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_paged_split_kv_long_sequences(dtype):
     # decode over ~500-1000 tokens in pages of 16: the split-KV path walks many pages. 16-bit
