@@ -46,6 +46,16 @@ program per SM, each taking an equal share of all groups' key blocks in group or
 may end one group and start the next), one partial result per piece; stage 2 finds each
 group's pieces from the same arithmetic.
 
+16-bit caches whose groups run just past one wave of SMs (`_tail_groups`: up to 1.22 waves at
+D <= 64; at D=128 1.5 on pools, 1.1 contiguous) take two stage-1 launches instead: the first
+gives each of the first wave's groups one whole-SM program that writes its output directly; the
+second splits the groups left over into 4-8 slices, whose programs start beside the first
+wave's at once (they fit in the shared memory those leave) and merge their own results: the
+last of a group's programs to end (a count per group, zeroed by the first launch before it lets
+the second launch) merges the group's partial results, scores and stores this step's tokens,
+and writes the output. The second launch waits on the kernel before only as it ends (it reads
+nothing the first launch writes), so the next kernel's wait still covers both.
+
 The number of splits is fixed from static information (batch, heads, capacity, SM count), so
 a captured CUDA graph stays valid as lengths grow; each program derives its slice from the
 device-side length, so work is proportional to the tokens each sequence holds.
@@ -568,7 +578,8 @@ def _decode_split_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(Counters + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
             if done == num_splits - 1:
-                first_partial = ((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index) * num_splits
+                first_partial = (((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index)
+                                 * num_splits)
                 acc, l_i, m_i = _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM,
                                                 BLOCK_M, BLOCK_D, BLOCK_SPLITS, MERGE_CHUNK)
                 if APPEND and not WRITE_FIRST:
@@ -1037,9 +1048,10 @@ def _key_balanced(groups: int, sm_count: int, block_d: int) -> bool:
     Where whole splits (`_split_count`) cannot spread the groups evenly: one split per group that
     leaves more than 10% of the SMs idle, split grids past one wave that are not whole waves, and
     groups just past one wave (up to 1.16 waves at D=64, where the 64-key tiles of `_config` take
-    over, and 1.5 at D=128). H100, contiguous caches, lengths off a block boundary and appending
-    steps (NOTES.md twenty-seventh round): 96 and 112 groups at S=4096, D=128 (one split, 73% and
-    85% of the SMs) 89% -> 96% and 94% -> 97% of 3.0 TB/s; 28-80 groups in 1.6-1.9 waves of splits
+    over, and 1.5 at D=128; the two launches of `_tail_groups`, where they apply, take precedence).
+    H100, contiguous caches, lengths off a block boundary and appending steps (NOTES.md
+    twenty-seventh round): 96 and 112 groups at S=4096, D=128 (one split, 73% and 85% of the SMs)
+    89% -> 96% and 94% -> 97% of 3.0 TB/s; 28-80 groups in 1.6-1.9 waves of splits
     75-89% -> 81-93%; 136-152 groups at D=64 81-85% -> 86-88%, 136-192 at D=128 89-96% -> 92-98%;
     level or better at full length. One wave of several splits per group (24, 40 and 56 groups),
     two whole waves (88) and 160 groups at D=64 measured slower.
@@ -1248,7 +1260,8 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
             dummy,
             block_table if paged else dummy,
             new_k, new_v, visit_table, counters if counters is not None else dummy,
-            group_base, tail_groups, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, seqlen_new, key_capacity, key_end_offset,
+            group_base, tail_groups, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, seqlen_new, key_capacity,
+            key_end_offset,
             scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
