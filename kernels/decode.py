@@ -164,6 +164,14 @@ def _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, 
 
 
 @triton.jit
+def _launch_dependents_after(value):
+    """Let the next kernel launch (programmatic dependent launch) once ``value`` (a scalar int32,
+    such as an atomic's result) has arrived: the trigger takes it as an operand."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, $1;", "=r,r", [value], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _attend_new_tokens(acc, l_i, m_i, q, k_new, v_new, stored, rows_t, query_index, seqlen_new, seqlen_q, qk_scale,
                        CAUSAL: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold this step's tokens (`load_new_tokens`: ``k_new``, ``v_new`` [BLOCK_T, BLOCK_D], ``stored``
@@ -344,14 +352,17 @@ def _decode_split_kernel(
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
         # wait in its turn
+        # (a tail launch, WAIT_LAST, waits only as it ends; ZERO_COUNTERS lets the next kernel
+        # launch only after the lengths are asked for, below)
         if not WAIT_LAST:
             tl.extra.cuda.gdc_wait()
+    zeroed = 0
     if ZERO_COUNTERS:
-        # the tail launch's count of finished programs per group, zeroed before it can launch (it
-        # launches once every program here has passed the trigger below)
+        # the tail launch's count of finished programs per group, zeroed here; the exchange returns
+        # while the lengths are read, and the tail launch may start only after that (below)
         if tl.program_id(1) < tail_groups:
-            tl.atomic_xchg(Counters + tl.program_id(1), 0, sem="release", scope="gpu")
-    if PDL:
+            zeroed = tl.atomic_xchg(Counters + tl.program_id(1), 0, sem="relaxed", scope="gpu")
+    if PDL and not ZERO_COUNTERS:
         tl.extra.cuda.gdc_launch_dependents()
     # Paged: the table entries of this program's first block, at its slice start as if the sequence
     # were full (the lengths are being read next to them); the cache loop takes them when the guess
@@ -389,6 +400,10 @@ def _decode_split_kernel(
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
+    if PDL and ZERO_COUNTERS:
+        # the next launch (the tail) lets its programs count on zeroed counts: it launches once
+        # every program here has passed the trigger, which waits on the exchange's return
+        _launch_dependents_after(zeroed)
     if APPEND and (DIRECT or WRITE_FIRST or FUSED_MERGE):
         # fused append with one split (after the cache loop, below): this step's tokens are loaded
         # now, so their latency hides behind the cache stream instead of adding to the kernel's tail
