@@ -152,15 +152,34 @@ def _whole_blocks_end(lo, hi, diag, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def _first_partial(b, h, query_index, num_q_heads, seqlen_q, num_splits):
+    """Index of each packed row's split 0 in the partial buffers, contiguous [B, H_q, S_q, num_splits,
+    (HEAD_DIM)]."""
+    return ((b.to(tl.int64) * num_q_heads + h) * seqlen_q + query_index) * num_splits
+
+
+@triton.jit
 def _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_q_heads, seqlen_q, num_splits,
                    split, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store one split's normalised rows ``out`` [BLOCK_M, BLOCK_D] and their log-sum-exp ``lse`` as
-    split ``split`` of the partial buffers, contiguous [B, H_q, S_q, num_splits, (HEAD_DIM)]."""
+    split ``split`` of the partial buffers (`_first_partial`)."""
     offs_d = tl.arange(0, BLOCK_D)
-    partial_row = ((b.to(tl.int64) * num_q_heads + h) * seqlen_q + query_index) * num_splits + split
+    partial_row = _first_partial(b, h, query_index, num_q_heads, seqlen_q, num_splits) + split
     tl.store(PartialLse + partial_row, lse, mask=row_ok)
     tl.store(PartialOut + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out,
              mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _store_output(Out, acc, l_i, b, h, query_index, row_ok, stride_o_b, stride_o_h, stride_o_s,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store the packed rows' online-softmax state normalised, acc / l (0 for rows that saw no key),
+    into the output [B, H_q, S_q, HEAD_DIM]."""
+    offs_d = tl.arange(0, BLOCK_D)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = (Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -232,7 +251,7 @@ def _decode_split_kernel(
     KeyStart,
     KeyEnd,
     BlockTable,
-    KNew,  # APPEND with DIRECT or WRITE_FIRST: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
+    KNew,  # APPEND with DIRECT, WRITE_FIRST or FUSED_MERGE: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
     VNew,
     VisitTable,  # SORT_PAGES: int32 [grid, SORT_PAGES], each program's table entries in visiting order
     Counters,  # ZERO_COUNTERS / FUSED_MERGE: int32 [tail_groups], programs of each tail group done
@@ -395,8 +414,6 @@ def _decode_split_kernel(
 
     q, h, query_index, row_ok = _packed_query(Q, b, kv_h, group_size, seqlen_q, stride_q_b, stride_q_h, stride_q_s,
                                               HEAD_DIM, BLOCK_M, BLOCK_D)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
 
     key_start, key_end = key_range(KeyStart, KeyEnd, b, key_end_offset, key_capacity, HAS_KEY_START, HAS_KEY_END)
     diag = key_end - seqlen_q
@@ -574,13 +591,12 @@ def _decode_split_kernel(
                                            seqlen_q, qk_scale, CAUSAL, BLOCK_T, DOT_PRECISION)
     if APPEND and DIRECT and not WRITE_FIRST:
         store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok, HEAD_DIM, BLOCK_D)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DIRECT:
         # a single split: its normalised result is the output, no merge pass
-        o_ptrs = Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h + query_index[:, None] * stride_o_s + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        _store_output(Out, acc, l_i, b, h, query_index, row_ok, stride_o_b, stride_o_h, stride_o_s, HEAD_DIM, BLOCK_D)
     else:
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         _store_partial(PartialOut, PartialLse, out, lse, b, h, query_index, row_ok, num_kv_heads * group_size,
                        seqlen_q, num_splits, split, HEAD_DIM, BLOCK_D)
@@ -593,8 +609,7 @@ def _decode_split_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(Counters + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
             if done == num_splits - 1:
-                first_partial = (((b.to(tl.int64) * (num_kv_heads * group_size) + h) * seqlen_q + query_index)
-                                 * num_splits)
+                first_partial = _first_partial(b, h, query_index, num_kv_heads * group_size, seqlen_q, num_splits)
                 acc, l_i, m_i = _merge_partials(PartialOut, PartialLse, first_partial, row_ok, num_splits, HEAD_DIM,
                                                 BLOCK_M, BLOCK_D, BLOCK_SPLITS, MERGE_CHUNK)
                 if APPEND and not WRITE_FIRST:
@@ -605,10 +620,8 @@ def _decode_split_kernel(
                         max_pages_per_seq, PAGED)
                     store_new_rows(k_new, v_new, k_base, v_base, new_k_rows, new_k_ok, new_v_rows, new_v_ok,
                                    HEAD_DIM, BLOCK_D)
-                merged = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-                o_ptrs = (Out + b.to(tl.int64) * stride_o_b + h[:, None] * stride_o_h
-                          + query_index[:, None] * stride_o_s + offs_d[None, :])
-                tl.store(o_ptrs, merged.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                _store_output(Out, acc, l_i, b, h, query_index, row_ok, stride_o_b, stride_o_h, stride_o_s, HEAD_DIM,
+                              BLOCK_D)
     if PDL and WAIT_LAST:
         # a tail launch (`_tail_groups`): it read only what the kernels before the one before it
         # wrote, and waits on that one only now, so the next kernel's wait covers both
