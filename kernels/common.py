@@ -196,6 +196,9 @@ def online_softmax_blocks(
     stride_kn_s=0,
     stride_vn_s=0,
     NEW_ROWS: tl.constexpr = False,
+    visit_entries=0,  # VISIT_GATHER: [SORT_PAGES] the slice's table entries in visiting order (from guess_lo)
+    visit_ok=False,  # VISIT_GATHER: whether that order holds for this call (else the table is read)
+    VISIT_GATHER: tl.constexpr = False,
 ):
     """FlashAttention-2 inner loop over key blocks [lo, hi), shared by prefill and decode.
 
@@ -247,7 +250,15 @@ def online_softmax_blocks(
                 # scalar condition is broadcast as an integer: the interpreter takes no scalar-bool mask)
                 guessed = (start_n == lo) & (lo == guess_lo)
                 next_ok = next_ok & (tl.where(guessed, 0, 1) + tl.zeros_like(offs_n) > 0)
-            next_pages = page_entries(block_table_row_ptr, offs_n + step, next_ok, page_size, max_pages_per_seq)
+            if VISIT_GATHER:
+                # the pages in visiting order come from registers (the key at slice position p reads
+                # the page of visiting slot p // page_size), the table only where that order fails
+                table_ok = next_ok & (tl.where(visit_ok, 0, 1) + tl.zeros_like(offs_n) > 0)
+                next_pages = page_entries(block_table_row_ptr, offs_n + step, table_ok, page_size, max_pages_per_seq)
+                slots = tl.minimum(tl.maximum(offs_n + step - guess_lo, 0) // page_size, visit_entries.shape[0] - 1)
+                next_pages = tl.where(visit_ok, tl.gather(visit_entries, slots, 0), next_pages)
+            else:
+                next_pages = page_entries(block_table_row_ptr, offs_n + step, next_ok, page_size, max_pages_per_seq)
             if GUESS_NEXT:
                 next_pages = tl.where(guessed, guessed_next, next_pages)
             k_rows, _ = page_rows(pages, offs_n, stride_k_page, stride_k_seq, page_size, num_pages, WIDE_ROWS)

@@ -27,9 +27,11 @@ of the block it gathers (``TABLE_AHEAD``), so the software pipeline can issue ea
 stages early instead of waiting on the table; the table lines of each program's slice are asked
 of the L2 before the wait on the previous kernel, and the entries of its first block (of its
 first two, for whole-SM split programs in table order) are read next to the lengths. With one
-wave of programs at D=128, each one works out before that wait the order to visit its slice's
-pages in (ascending pool address, so all programs sweep the pool together whatever order the
-allocator left the pages in) and, after it, reads the pages in that order from a scratch row.
+wave of programs (but one split appending at D <= 64), each one works out before that wait the
+order to visit its slice's pages in (ascending pool address, so all programs sweep the pool
+together whatever order the allocator left the pages in; at D <= 64 after its first block,
+which keeps table order so its hints need not wait) and, after it, takes the pages in that
+order from registers.
 
 One wave of programs launched early (contiguous caches and 16-bit pools) gets key blocks large
 enough that each program takes a whole SM; each then starts as the program before it on that SM
@@ -97,16 +99,35 @@ def _slice_keys(span, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _visit_order(entries, slice_pages, num_pages, SORT_PAGES: tl.constexpr):
+def _visit_plan(bt_row, guess_lo, cap_chunk, page_size: tl.constexpr, num_pages, max_pages_per_seq, first_slots,
+                BLOCK_N: tl.constexpr, SORT_PAGES: tl.constexpr):
+    """A program's slice (as a full sequence places it: ``guess_lo``, ``cap_chunk`` keys) read from
+    the table row past the L1 (".cg", where no line read before the wait could linger) and put in
+    visiting order (`_visit_order`, its first ``first_slots`` slots kept in place): (slots [SORT_PAGES],
+    in-slice mask, the entries as read, the entries in visiting order, the first block's entries one
+    per key [BLOCK_N], for the loop to start from without a table read)."""
+    visit_slots = guess_lo // page_size + tl.arange(0, SORT_PAGES)
+    slot_in = (tl.arange(0, SORT_PAGES) < cap_chunk // page_size) & (visit_slots < max_pages_per_seq)
+    seen_entries = tl.load(bt_row + visit_slots, mask=slot_in, other=-1, cache_modifier=".cg")
+    visit_entries = tl.gather(seen_entries, _visit_order(seen_entries, cap_chunk // page_size, num_pages, first_slots,
+                                                         SORT_PAGES), 0)
+    visit_first = tl.gather(visit_entries, tl.minimum(tl.arange(0, BLOCK_N) // page_size, SORT_PAGES - 1), 0)
+    return visit_slots, slot_in, seen_entries, visit_entries, visit_first
+
+
+@triton.jit
+def _visit_order(entries, slice_pages, num_pages, first_slots, SORT_PAGES: tl.constexpr):
     """The slots of a slice's block-table entries ([SORT_PAGES], entry j for the slice's page slot
-    j) in the order to visit them: whole pages in pool order (entries outside the pool where
-    `page_rows` reads them, as page 0), then the slice's last page, which keeps its place at the end
-    (the only one a length can leave partly filled, masked by its position), then the slots past
-    the slice. A sort of keys page * SORT_PAGES + j: distinct, and each names its slot."""
+    j) in the order to visit them: the first ``first_slots`` slots where they are, whole pages in
+    pool order (entries outside the pool where `page_rows` reads them, as page 0), then the slice's
+    last page, which keeps its place at the end (the only one a length can leave partly filled,
+    masked by its position), then the slots past the slice. A sort of keys (page + 1) * SORT_PAGES
+    + j (page -1 for the slots kept in place): distinct, and each names its slot."""
     j = tl.arange(0, SORT_PAGES)
     page = tl.where((entries >= 0) & (entries < num_pages), entries, 0)
     page = tl.where(j < slice_pages - 1, page, tl.where(j == slice_pages - 1, num_pages, num_pages + 1))
-    return tl.sort(page * SORT_PAGES + j) % SORT_PAGES
+    page = tl.where(j < tl.minimum(first_slots, slice_pages - 1), -1, page)
+    return tl.sort((page + 1) * SORT_PAGES + j) % SORT_PAGES
 
 
 @triton.jit
@@ -253,7 +274,6 @@ def _decode_split_kernel(
     BlockTable,
     KNew,  # APPEND with DIRECT, WRITE_FIRST or FUSED_MERGE: this step's K/V [B, H_kv, seqlen_new, D] (else unused)
     VNew,
-    VisitTable,  # SORT_PAGES: int32 [grid, SORT_PAGES], each program's table entries in visiting order
     Counters,  # ZERO_COUNTERS / FUSED_MERGE: int32 [tail_groups], programs of each tail group done
     # -- sizes
     group_base,  # the (sequence, KV head) group of grid row 0
@@ -315,6 +335,7 @@ def _decode_split_kernel(
     FUSED_MERGE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     MERGE_CHUNK: tl.constexpr,
+    FIRST_IN_ORDER: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1) + group_base
@@ -329,20 +350,16 @@ def _decode_split_kernel(
         # the lengths cannot be read yet), asked of the L2 while the kernel before this one drains.
         # A hint only: it moves nothing into registers and stays inside the table.
         l2_prefetch(bt_row + tl.minimum(guess_lo // page_size + tl.arange(0, TABLE_LINES) * 32, max_pages_per_seq - 1))
-    if SORT_PAGES > 0:
+    if SORT_PAGES > 0 and not FIRST_IN_ORDER:
         # The order to visit the slice's pages in, worked out while the kernel before this one
         # drains, from the table as it reads now (compared with the table after the wait): pool
         # order, so every program sweeps the pool from low to high addresses at about the same
         # pace (randomly placed 16-key pages, 1x32/8x32768x128: 48.8 -> 47.5 us on the H100, NOTES.md
-        # twelfth round). The slice is the one a full sequence gives; the table is read past the
-        # L1 (".cg"), where no line read before the wait could linger.
-        visit_slots = guess_lo // page_size + tl.arange(0, SORT_PAGES)
-        slot_in = (tl.arange(0, SORT_PAGES) < cap_chunk // page_size) & (visit_slots < max_pages_per_seq)
-        seen_entries = tl.load(bt_row + visit_slots, mask=slot_in, other=-1, cache_modifier=".cg")
-        visit_entries = tl.gather(seen_entries, _visit_order(seen_entries, cap_chunk // page_size, num_pages,
-                                                             SORT_PAGES), 0)
-        # the first block's entries, one per key, for the loop to start from without a table read
-        visit_first = tl.gather(visit_entries, tl.minimum(tl.arange(0, BLOCK_N) // page_size, SORT_PAGES - 1), 0)
+        # twelfth round). FIRST_IN_ORDER (D <= 64): after the first block's hints, below, that
+        # block kept in table order, so the hints do not wait on the sort (8x32/4x8192x64: 26.2-26.3
+        # -> 25.9-26.1 us, NOTES.md thirtieth round).
+        visit_slots, slot_in, seen_entries, visit_entries, visit_first = _visit_plan(
+            bt_row, guess_lo, cap_chunk, page_size, num_pages, max_pages_per_seq, 0, BLOCK_N, SORT_PAGES)
     if EARLY_PREFETCH:
         # One program per SM (its shared memory takes more than half of one): it starts as the
         # program before it on this SM ends, so the rows of its first block (as a full sequence
@@ -353,7 +370,7 @@ def _decode_split_kernel(
         offs_t = tl.arange(0, BLOCK_N)
         first_pos = tl.minimum((split * BLOCK_N if INTERLEAVED else guess_lo) + offs_t, key_capacity - 1)
         if PAGED:
-            if SORT_PAGES > 0:
+            if SORT_PAGES > 0 and not FIRST_IN_ORDER:
                 first_pages = visit_first
             else:
                 first_pages = tl.load(bt_row + first_pos // page_size, cache_modifier=".cg")
@@ -367,6 +384,10 @@ def _decode_split_kernel(
         prefetch_rows_to_l2(kv_head_base(K, b, kv_h, stride_k_b, stride_k_h, PAGED),
                             kv_head_base(V, b, kv_h, stride_v_b, stride_v_h, PAGED), k_rows, v_rows, PREFETCH_LINES,
                             PREFETCH_LINE_ELEMS)
+    if SORT_PAGES > 0 and FIRST_IN_ORDER:
+        visit_slots, slot_in, seen_entries, visit_entries, visit_first = _visit_plan(
+            bt_row, guess_lo, cap_chunk, page_size, num_pages, max_pages_per_seq, BLOCK_N // page_size, BLOCK_N,
+            SORT_PAGES)
     if PDL:
         # launched early (programmatic dependent launch): wait for the kernels before this one,
         # then let the next kernel launch (once every program here has passed this point) and
@@ -486,8 +507,7 @@ def _decode_split_kernel(
                            BLOCK_D)
             if TMA:
                 async_proxy_fence(split)  # the loop's bulk copies read through the async proxy
-            if SORT_PAGES == 0:  # (else the barrier after the visiting order's store serves)
-                tl.debug_barrier()
+            tl.debug_barrier()
     elif APPEND and NEW_ROWS:
         # One split on a paged pool: the sequence is read to its end, this step's tokens gathered
         # from the inputs (the loop picks their rows there by position), so nothing waits on
@@ -529,23 +549,20 @@ def _decode_split_kernel(
         unmasked_hi = tl.where(cache_hi > full_hi, lo, full_hi)
     # the whole blocks [lo, unmasked_hi) unmasked, then the rest [unmasked_hi, cache_hi) masked
     # (ONE_LOOP: the first loop is the whole slice and no masked loop is compiled)
-    table_row = bt_row
     if SORT_PAGES > 0:
-        # The loop reads the pages in visiting order from this program's row of VisitTable (as if
-        # it were the table) when the table did not change since the order was worked out and the
-        # slice is the full-sequence one with whole pages up to its last (only that one is masked
-        # by position, and it kept its place); the row is written only after the wait, when no
-        # earlier launch can still read it.
+        # The loop takes the pages in visiting order from registers (`tl.gather`; a scratch row
+        # written behind a barrier cost 0.4-0.5 us more at D=128, NOTES.md thirtieth round) when the
+        # table did not change since the order was worked out and the slice is the full-sequence one
+        # with whole pages up to its last (only that one is masked by position, and it kept its place)
         stale = tl.max((now_entries != seen_entries).to(tl.int32), 0)
         sorted_ok = (stale == 0) & (lo == guess_lo) & (cache_hi > lo + cap_chunk - page_size)
         if APPEND and NEW_ROWS:
             # new tokens are picked by position, which the visiting order keeps on the last page only
             sorted_ok = sorted_ok & (new_lo >= lo + cap_chunk - page_size)
-        visit_row = VisitTable + (tl.program_id(1) * num_splits + split).to(tl.int64) * SORT_PAGES
-        tl.store(visit_row + tl.arange(0, SORT_PAGES), visit_entries, mask=tl.where(sorted_ok, slot_in, False))
-        tl.debug_barrier()  # the loop's threads read entries other threads wrote
-        table_row = tl.where(sorted_ok, visit_row - guess_lo // page_size, bt_row)
         guessed_pages = tl.where(sorted_ok, visit_first, guessed_pages)
+    else:
+        visit_entries = 0
+        sorted_ok = False
     for MASKED in tl.static_range(1 if ONE_LOOP else 2):
         seg_lo = lo
         seg_hi = unmasked_hi
@@ -572,7 +589,7 @@ def _decode_split_kernel(
             seg_hi = cache_hi
         if seg_hi > seg_lo:
             acc, l_i, m_i = online_softmax_blocks(
-                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, table_row, stride_k_b, stride_k_s, stride_v_b,
+                acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kv_h, bt_row, stride_k_b, stride_k_s, stride_v_b,
                 stride_v_s, page_size, num_pages, max_pages_per_seq, query_index, key_start, cache_end, diag,
                 seg_lo, seg_hi, qk_scale,
                 HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, MASKED == 1 and not TAIL_BRANCH, PAGED, DOT_PRECISION, TMA,
@@ -581,7 +598,7 @@ def _decode_split_kernel(
                 USE_GUESS and GUESS_NEXT, BIAS_MASK, new_lo if APPEND and NEW_ROWS else 0,
                 KNew + b.to(tl.int64) * stride_kn_b + kv_h * stride_kn_h,
                 VNew + b.to(tl.int64) * stride_vn_b + kv_h * stride_vn_h,
-                stride_kn_s, stride_vn_s, APPEND and NEW_ROWS)
+                stride_kn_s, stride_vn_s, APPEND and NEW_ROWS, visit_entries, sorted_ok, SORT_PAGES > 0)
     if APPEND and DIRECT and not WRITE_FIRST and not NEW_ROWS and not FOLD_FIRST:
         # Fused append, one split: this program is its (sequence, KV head)'s only one, so it also
         # attends to this step's tokens (one token on a paged pool: before the loop, above) and
@@ -1098,20 +1115,26 @@ def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> in
     return triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n
 
 
-def _sort_pages(early: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int, num_splits: int,
-                block_n: int, page_size: int, num_pages: int) -> int:
+def _sort_pages(early: bool, lone_append: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int,
+                num_splits: int, block_n: int, block_d: int, page_size: int, num_pages: int,
+                interpret: bool = False) -> int:
     """Table entries each program sorts to visit its pages in pool order (`_visit_order`), a power
     of two covering the slice a full sequence gives it; 0 for none. None: the flag off; no early
-    start to hide the sort in, or a tile where it does not pay (``early``: a pool read a block
-    ahead, 16-bit, at D=128, with one wave of programs launched early, or under the interpreter,
-    which tests the sort); a key start or a causal diagonal inside the cache (masks by position on
-    pages other than the last); pages that do not tile a key block; more than 256 pages a slice;
-    sort keys past 31 bits."""
-    if not (DECODE_SORT_PAGES and early) or has_key_start or diagonal_in_cache or block_n % page_size:
+    start to hide the sort in (``early``: a pool read a block ahead, 16-bit, with one wave of
+    programs launched early); one split appending at D <= 64 (``lone_append``), where it does not
+    pay (the interpreter sorts there too, to test it); a key start or a causal diagonal inside the
+    cache (masks by position on pages other than the last); pages that do not tile a key block;
+    more than 256 pages a slice; sort keys past 31 bits.
+
+    Visiting the pages in pool order, H100: at D=128 1x32/8x32768x128 48.8 -> 47.3 us; at D=64,
+    8x32/4x8192x64 26.2-26.3 -> 25.9-26.1 and 16x8/8x2048x64 at full length 25.1-25.3 -> 24.8, but
+    appending with one split 25.2 -> 25.7 (NOTES.md twelfth and thirtieth rounds)."""
+    if (not (DECODE_SORT_PAGES and early) or (lone_append and block_d <= 64 and not interpret) or has_key_start
+            or diagonal_in_cache or block_n % page_size):
         return 0
     slice_pages = _capacity_slice_keys(key_capacity, num_splits, block_n) // page_size
     entries = max(2, next_power_of_2(slice_pages))
-    return entries if entries <= 256 and (num_pages + 2) * entries < 2**31 else 0
+    return entries if entries <= 256 and (num_pages + 3) * entries < 2**31 else 0
 
 
 def _whole_sm(num_stages: int, block_n: int, block_d: int, element_size: int, smem_per_sm: int) -> bool:
@@ -1269,25 +1292,21 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         # programs, or more with DECODE_EARLY_PAST_WAVE)
         early_prefetch = (early_hint and (early_wave or DECODE_EARLY_PAST_WAVE) and (not paged or cfg["TABLE_AHEAD"])
                           and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
-        # visiting the pages in pool order pays at D=128 (1x32/8x32768x128: -1.3 us) and not with the
-        # 256-key blocks of D=64 (+0.0 to +0.3 us, NOTES.md twelfth round); the interpreter tests it
-        sort_early = early and (interpret or cfg["BLOCK_D"] >= 128)
-        sort_pages = _sort_pages(sort_early, key_start is not None, causal and (new_rows or not append), key_capacity,
-                                 num_splits, cfg["BLOCK_N"], page_size, num_pages)
+        sort_pages = _sort_pages(early, direct and append, key_start is not None, causal and (new_rows or not append),
+                                 key_capacity, num_splits, cfg["BLOCK_N"], cfg["BLOCK_D"], page_size, num_pages,
+                                 interpret)
         # one wave of whole-SM split programs reading the pool in table order: the second block's table
         # entries read next to the lengths as well (with the pool-order sort, from the sorted row, it
         # measured level to 0.1 us slower at D=128; one split per sequence, 16x8/8x2048x64 on random
         # pages, 0.1-0.45 slower); the interpreter tests it where it does not sort
         guess_next = (DECODE_TABLE_GUESS_NEXT and paged and cfg["TABLE_AHEAD"] and not sort_pages and not direct
                       and (interpret or early_prefetch))
-        visit_table = (torch.empty((group_count * num_splits, sort_pages), dtype=torch.int32, device=q.device)
-                       if sort_pages else dummy)
         _decode_split_kernel[(num_splits, group_count)](
             q, k, v, *(descriptors or (k, v)), partial_out, partial_lse, out,
             key_start if key_start is not None else dummy,
             dummy,
             block_table if paged else dummy,
-            new_k, new_v, visit_table, counters if counters is not None else dummy,
+            new_k, new_v, counters if counters is not None else dummy,
             group_base, tail_groups, num_kv_heads, num_q_heads // num_kv_heads, seqlen_q, seqlen_new, key_capacity,
             key_end_offset,
             scale * LOG2_E, page_size, num_pages, max_pages_per_seq, num_splits,
@@ -1337,6 +1356,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
             FUSED_MERGE=fused_merge,
             BLOCK_SPLITS=max(2, next_power_of_2(num_splits)),
             MERGE_CHUNK=merge_chunk,
+            # D <= 64: the first block in table order, its hints not waiting on the sort (at D=128
+            # 0.2-0.3 us slower, NOTES.md thirtieth round)
+            FIRST_IN_ORDER=sort_pages > 0 and cfg["BLOCK_D"] <= 64,
             **cfg,
             **({"launch_pdl": True} if pdl else {}),
         )

@@ -138,18 +138,46 @@ def test_gpu_decode_tail_launch_taken(monkeypatch, shape, paged):
     assert splits[1][0][1] == tail and splits[1][0][0] in (4, 8) and splits[1][1]["FUSED_MERGE"]
 
 
-def check_uneven_grid(shape, paged, s_q, with_new=True):
-    """Decode against the reference with uneven lengths (full, empty, mid-block), this step's
-    tokens appended (``with_new``), NaN in every slot no sequence holds."""
+@pytest.mark.parametrize("shape,s_max,with_new,sorts,first_in_order", [
+    ((8, 32, 4, 64), 4096, True, True, True),     # four splits a (sequence, KV head), appending
+    ((8, 32, 4, 64), 4096, False, True, True),
+    ((16, 8, 8, 64), 2048, False, True, True),    # one split, reading
+    ((16, 8, 8, 64), 2048, True, False, False),   # one split appending at D=64: table order
+    ((2, 32, 8, 128), 8192, True, True, False),
+])
+def test_gpu_decode_pool_order_taken(monkeypatch, shape, s_max, with_new, sorts, first_in_order):
+    # One wave of paged programs launched early visits its slice's pages in pool order, taken from
+    # registers (at D=64 after a first block kept in table order), but one split appending at D=64;
+    # lengths that fill every slice but the last (a page partly filled, masked by position) and
+    # one whose slices are short (visited in table order), NaN in every slot no sequence holds
+    from flashkv_ops.kernels import decode
+    from reference import record_launches
+
+    splits = record_launches(monkeypatch, decode, "_decode_split_kernel")
+    lens_list = [s_max - (1 if with_new else 0) - 16 * i - i for i in range(shape[0])]
+    lens_list[-1] = s_max // 3
+    check_uneven_grid(shape[:4], True, 1, with_new, s_max, lens_list)
+    if torch.cuda.get_device_capability()[0] < 9:
+        return
+    assert len(splits) == 1 and splits[0][1]["PAGED"]
+    kw = splits[0][1]
+    assert (kw["SORT_PAGES"] > 0, kw["FIRST_IN_ORDER"]) == (sorts, first_in_order), (kw["SORT_PAGES"],
+                                                                                     kw["FIRST_IN_ORDER"])
+
+
+def check_uneven_grid(shape, paged, s_q, with_new=True, s_max=2048, lens_list=None):
+    """Decode against the reference with uneven lengths (full, empty, mid-block; or ``lens_list``),
+    this step's tokens appended (``with_new``), NaN in every slot no sequence holds."""
     b, hq, hkv, d = shape
-    s_max, dt = 2048, torch.bfloat16 if s_q > 1 else torch.float16
+    dt = torch.bfloat16 if s_q > 1 else torch.float16
     g = torch.Generator().manual_seed(b + d + s_q)
-    lens_list = torch.randint(1, s_max - s_q, (b,), generator=g).tolist()
-    lens_list[:3] = [s_max - s_q, 0, 1000]
-    if not with_new:
-        # every query sees a key; one sequence full, one a block and one key long
-        lens_list[:3] = [s_max, 65, 1001]
-        lens_list = [max(n, s_q) for n in lens_list]
+    if lens_list is None:
+        lens_list = torch.randint(1, s_max - s_q, (b,), generator=g).tolist()
+        lens_list[:3] = [s_max - s_q, 0, 1000]
+        if not with_new:
+            # every query sees a key; one sequence full, one a block and one key long
+            lens_list[:3] = [s_max, 65, 1001]
+            lens_list = [max(n, s_q) for n in lens_list]
     k_cache = randn((b, hkv, s_max, d), dt, generator=g)
     v_cache = randn((b, hkv, s_max, d), dt, generator=g)
     table = None

@@ -187,20 +187,47 @@ def test_paged_decode_append_with_the_split_counts_gpus_pick(monkeypatch, split_
     (1, False, [128, 126, 119, 60]),
     (2, True, [126, 121, 117, 33]),   # two new tokens (causal, appended after the cache's keys)
 ])
-def test_paged_decode_visits_whole_pages_in_pool_order(monkeypatch, page_size, s_q, with_new, lens):
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_paged_decode_visits_whole_pages_in_pool_order(monkeypatch, split_launches, page_size, s_q, with_new, lens,
+                                                       head_dim):
     # 16-bit decode where the slice a full sequence gives each program is (nearly) full: the
-    # program visits the slice's whole pages sorted by pool address, its last page (partly
-    # filled here) kept last and masked by position; shorter slices visit in slot order
+    # program visits the slice's whole pages sorted by pool address (at D <= 64 after its first
+    # block, which keeps table order), its last page (partly filled here) kept last and masked by
+    # position, taking them from registers; shorter slices visit in slot order
     from flashkv_ops.kernels import decode
 
     sorts = []
     real = decode._sort_pages
     monkeypatch.setattr(decode, "_sort_pages", lambda *args: sorts.append(real(*args)) or sorts[-1])
     case = dict(BASE, batch=len(lens), s_q=s_q, lens=lens, page_size=page_size, dtype=torch.float16,
-                with_new=with_new, extra_pages=3, extra_columns=0, garbage="nan", seed=page_size + 7 * s_q)
+                with_new=with_new, extra_pages=3, extra_columns=0, garbage="nan", seed=page_size + 7 * s_q,
+                head_dim=head_dim)
     check_paged_vs_contiguous(case, torch.Generator().manual_seed(case["seed"]))
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels ran (else the PyTorch fallback did)
         assert sorts and sorts[0] > 0, "the paged call did not sort its pages"
+        paged = [kw for _, kw in split_launches if kw["PAGED"]]
+        assert paged and all(kw["SORT_PAGES"] > 0 and kw["FIRST_IN_ORDER"] == (head_dim <= 64) for kw in paged), \
+            [(kw["SORT_PAGES"], kw["FIRST_IN_ORDER"]) for kw in paged]
+
+
+def test_pool_order_sort_rule_from_static_shapes():
+    # which one-wave paged decode programs sort their slice's pages (`_sort_pages`): 16-bit pools
+    # read a block ahead and launched early, except one split appending at D <= 64 (the
+    # interpreter sorts there too, to test it); never with a key start, a causal diagonal inside
+    # the cache, pages that do not tile a key block or past 256 pages a slice
+    from flashkv_ops.kernels.decode import _sort_pages
+
+    def sort(early=True, lone_append=False, key_start=False, diagonal=False, capacity=8192, splits=4, block_n=256,
+             block_d=64, page_size=16, num_pages=4096, interpret=False):
+        return _sort_pages(early, lone_append, key_start, diagonal, capacity, splits, block_n, block_d, page_size,
+                           num_pages, interpret)
+
+    assert sort() == 128 and sort(block_d=128, block_n=128) == 128 and sort(capacity=2048, splits=1) == 128
+    assert sort(lone_append=True, block_d=128, block_n=128) == 128 and sort(lone_append=True, interpret=True) == 128
+    assert sort(page_size=8) == 256 and sort(capacity=1000, splits=4) == 16
+    for kwargs in (dict(early=False), dict(lone_append=True), dict(key_start=True), dict(diagonal=True),
+                   dict(page_size=48), dict(page_size=4), dict(num_pages=2**24)):
+        assert sort(**kwargs) == 0, kwargs
 
 
 @pytest.mark.parametrize("page_size", [3, 4, 16, 32])
