@@ -1115,21 +1115,23 @@ def _capacity_slice_keys(key_capacity: int, num_splits: int, block_n: int) -> in
     return triton.cdiv(triton.cdiv(key_capacity, num_splits), block_n) * block_n
 
 
-def _sort_pages(early: bool, lone_append: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int,
+def _sort_pages(early: bool, lone_or_tail: bool, has_key_start: bool, diagonal_in_cache: bool, key_capacity: int,
                 num_splits: int, block_n: int, block_d: int, page_size: int, num_pages: int,
                 interpret: bool = False) -> int:
     """Table entries each program sorts to visit its pages in pool order (`_visit_order`), a power
     of two covering the slice a full sequence gives it; 0 for none. None: the flag off; no early
     start to hide the sort in (``early``: a pool read a block ahead, 16-bit, with one wave of
-    programs launched early); one split appending at D <= 64 (``lone_append``), where it does not
-    pay (the interpreter sorts there too, to test it); a key start or a causal diagonal inside the
+    programs launched early); at D <= 64 one split appending, or the first launch of a tail launch
+    (``lone_or_tail``), where it does not pay (the interpreter sorts there too, to test it); a key start or a causal diagonal inside the
     cache (masks by position on pages other than the last); pages that do not tile a key block;
     more than 256 pages a slice; sort keys past 31 bits.
 
     Visiting the pages in pool order, H100: at D=128 1x32/8x32768x128 48.8 -> 47.3 us; at D=64,
     8x32/4x8192x64 26.2-26.3 -> 25.9-26.1 and 16x8/8x2048x64 at full length 25.1-25.3 -> 24.8, but
-    appending with one split 25.2 -> 25.7 (NOTES.md twelfth and thirtieth rounds)."""
-    if (not (DECODE_SORT_PAGES and early) or (lone_append and block_d <= 64 and not interpret) or has_key_start
+    appending with one split 25.2 -> 25.7 and 17x32/8x2048x64's first launch 26.9 -> 27.3; pools whose
+    rows already ascend (`paged_read_order`) lose 0.4 at 8x32/4x8192x64 (NOTES.md twelfth and
+    thirtieth rounds)."""
+    if (not (DECODE_SORT_PAGES and early) or (lone_or_tail and block_d <= 64 and not interpret) or has_key_start
             or diagonal_in_cache or block_n % page_size):
         return 0
     slice_pages = _capacity_slice_keys(key_capacity, num_splits, block_n) // page_size
@@ -1292,9 +1294,9 @@ def attention_decode(q, k, v, out, key_start, key_end, key_end_offset, block_tab
         # programs, or more with DECODE_EARLY_PAST_WAVE)
         early_prefetch = (early_hint and (early_wave or DECODE_EARLY_PAST_WAVE) and (not paged or cfg["TABLE_AHEAD"])
                           and _whole_sm(cfg["num_stages"], cfg["BLOCK_N"], cfg["BLOCK_D"], k.element_size(), smem))
-        sort_pages = _sort_pages(early, direct and append, key_start is not None, causal and (new_rows or not append),
-                                 key_capacity, num_splits, cfg["BLOCK_N"], cfg["BLOCK_D"], page_size, num_pages,
-                                 interpret)
+        sort_pages = _sort_pages(early, (direct and append) or tail_groups > 0, key_start is not None,
+                                 causal and (new_rows or not append), key_capacity, num_splits, cfg["BLOCK_N"],
+                                 cfg["BLOCK_D"], page_size, num_pages, interpret)
         # one wave of whole-SM split programs reading the pool in table order: the second block's table
         # entries read next to the lengths as well (with the pool-order sort, from the sorted row, it
         # measured level to 0.1 us slower at D=128; one split per sequence, 16x8/8x2048x64 on random

@@ -136,6 +136,9 @@ def test_gpu_decode_tail_launch_taken(monkeypatch, shape, paged):
         return
     assert len(splits) == 2 and splits[0][0] == (1, sms) and merges == []
     assert splits[1][0][1] == tail and splits[1][0][0] in (4, 8) and splits[1][1]["FUSED_MERGE"]
+    # the first launch's programs visit their pages in table order at D=64 (the pool-order sort
+    # cost 0.4 us there), in pool order at D=128
+    assert (splits[0][1]["SORT_PAGES"] > 0) == (paged and d > 64), splits[0][1]["SORT_PAGES"]
 
 
 @pytest.mark.parametrize("shape,s_max,with_new,sorts,first_in_order", [

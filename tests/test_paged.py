@@ -212,20 +212,20 @@ def test_paged_decode_visits_whole_pages_in_pool_order(monkeypatch, split_launch
 
 def test_pool_order_sort_rule_from_static_shapes():
     # which one-wave paged decode programs sort their slice's pages (`_sort_pages`): 16-bit pools
-    # read a block ahead and launched early, except one split appending at D <= 64 (the
-    # interpreter sorts there too, to test it); never with a key start, a causal diagonal inside
-    # the cache, pages that do not tile a key block or past 256 pages a slice
+    # read a block ahead and launched early, except one split appending and a tail launch's first
+    # wave at D <= 64 (the interpreter sorts there too, to test it); never with a key start, a
+    # causal diagonal inside the cache, pages that do not tile a key block or past 256 pages a slice
     from flashkv_ops.kernels.decode import _sort_pages
 
-    def sort(early=True, lone_append=False, key_start=False, diagonal=False, capacity=8192, splits=4, block_n=256,
+    def sort(early=True, lone_or_tail=False, key_start=False, diagonal=False, capacity=8192, splits=4, block_n=256,
              block_d=64, page_size=16, num_pages=4096, interpret=False):
-        return _sort_pages(early, lone_append, key_start, diagonal, capacity, splits, block_n, block_d, page_size,
+        return _sort_pages(early, lone_or_tail, key_start, diagonal, capacity, splits, block_n, block_d, page_size,
                            num_pages, interpret)
 
     assert sort() == 128 and sort(block_d=128, block_n=128) == 128 and sort(capacity=2048, splits=1) == 128
-    assert sort(lone_append=True, block_d=128, block_n=128) == 128 and sort(lone_append=True, interpret=True) == 128
+    assert sort(lone_or_tail=True, block_d=128, block_n=128) == 128 and sort(lone_or_tail=True, interpret=True) == 128
     assert sort(page_size=8) == 256 and sort(capacity=1000, splits=4) == 16
-    for kwargs in (dict(early=False), dict(lone_append=True), dict(key_start=True), dict(diagonal=True),
+    for kwargs in (dict(early=False), dict(lone_or_tail=True), dict(key_start=True), dict(diagonal=True),
                    dict(page_size=48), dict(page_size=4), dict(num_pages=2**24)):
         assert sort(**kwargs) == 0, kwargs
 
