@@ -223,6 +223,11 @@ def online_softmax_blocks(
     NEW_ROWS (paged, TABLE_AHEAD): keys from ``new_lo`` on are gathered from this step's new
     tokens (rows of ``k_new_row`` / ``v_new_row``) instead of the pool, so a decode step can read
     them before they are stored.
+
+    VISIT_GATHER (paged, TABLE_AHEAD): where ``visit_ok``, the slice starting at ``guess_lo`` is
+    read with its pages in the order of ``visit_entries`` (decode's pool-order visit: the key at
+    slice position p is read from the page of visiting slot p // page_size, at its offset in that
+    page), picked out of registers instead of read from the table.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM

@@ -995,8 +995,8 @@ DECODE_TAIL_BRANCH = True
 # (paged pools keep slices: interleaved blocks measured slower there, NOTES.md)
 DECODE_INTERLEAVED = True
 
-# Paged 16-bit pools at D=128, one wave of programs with programmatic dependent launch: each
-# program visits its slice's pages in pool order, worked out before the wait on the kernel before it
+# Paged 16-bit pools, one wave of programs with programmatic dependent launch: each program visits
+# its slice's pages in pool order, worked out before the wait on the kernel before it (`_sort_pages`)
 DECODE_SORT_PAGES = True
 # One wave of programs launched early (contiguous caches, 16-bit pools): blocks that make each
 # program take a whole SM, and every program asks the L2 for its first block before the wait on
