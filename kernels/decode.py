@@ -1122,9 +1122,9 @@ def _sort_pages(early: bool, lone_or_tail: bool, has_key_start: bool, diagonal_i
     of two covering the slice a full sequence gives it; 0 for none. None: the flag off; no early
     start to hide the sort in (``early``: a pool read a block ahead, 16-bit, with one wave of
     programs launched early); at D <= 64 one split appending, or the first launch of a tail launch
-    (``lone_or_tail``), where it does not pay (the interpreter sorts there too, to test it); a key start or a causal diagonal inside the
-    cache (masks by position on pages other than the last); pages that do not tile a key block;
-    more than 256 pages a slice; sort keys past 31 bits.
+    (``lone_or_tail``), where it does not pay (the interpreter sorts there too, to test it); a key
+    start or a causal diagonal inside the cache (masks by position on pages other than the last);
+    pages that do not tile a key block; more than 256 pages a slice; sort keys past 31 bits.
 
     Visiting the pages in pool order, H100: at D=128 1x32/8x32768x128 48.8 -> 47.3 us; at D=64,
     8x32/4x8192x64 26.2-26.3 -> 25.9-26.1 and 16x8/8x2048x64 at full length 25.1-25.3 -> 24.8, but
